@@ -1,0 +1,3 @@
+"""Distillery: offline knowledge distillation for causal language models."""
+
+__version__ = "0.1.0"

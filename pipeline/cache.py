@@ -1,0 +1,249 @@
+"""Stage 1, ``distillery cache``: run the teacher once and write its soft targets to shards.
+
+The flow: load the teacher's config and tokenizer, pack the data, compute the
+fingerprint, and return at once on a cache hit. Otherwise load the weights
+and, for each shard this process owns, run the decoder over batches, apply
+the lm_head and the reduction in chunks of positions on the device, and hand
+the reduced (n, T, W) arrays to a background writer. The last process to
+finish assembles the manifest.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.cache_dir import assemble_manifest, claim, ensure_writable, is_complete, missing_shards
+from pipeline.config import CacheJob
+from pipeline.config_loading import to_dict, to_yaml
+from pipeline.data import PackedSplit, data_identity, prepare_splits
+from pipeline.errors import ConfigError, DataError, TeacherError
+from pipeline.identity import teacher_identity, tokenizer_sha256
+from pipeline.reduce import sample_targets, sequence_uniforms, topk_targets
+from pipeline.shard_writer import BackgroundShardWriter, ShardPlan, discard_shard, plan_shards, read_done_record
+from pipeline.teacher import (
+    LogitHead,
+    check_logit_head,
+    hidden_states,
+    load_config_and_tokenizer,
+    load_model,
+    max_positions,
+    resolve_device,
+)
+from storage.formats import get_format
+from storage.manifest import FORMAT_VERSION, fingerprint
+from storage.partition import num_parts, part_index, shards_of_part
+
+SPLIT_IDS = {"train": 0, "eval": 1}
+
+
+def log(message: str) -> None:
+    print(f"[distillery cache] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class CacheResult:
+    directory: Path
+    hit: bool
+    shards_written: int
+
+
+@dataclass
+class CachePlan:
+    """Everything decided before the teacher's weights are loaded."""
+
+    job: CacheJob
+    tokenizer: object
+    splits: dict[str, PackedSplit]
+    vocab_size: int
+    width: int
+    header: dict
+    directory: Path
+    shards: list[ShardPlan]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.header["fingerprint"]
+
+
+def _check_against_model(job: CacheJob, hf_config) -> int:
+    """Validate settings that depend on the teacher; return its output vocab size."""
+    vocab_size = getattr(hf_config, "vocab_size", None)
+    if not isinstance(vocab_size, int):
+        raise TeacherError(f"teacher.model {job.teacher.model!r}: its config has no integer vocab_size")
+    problems = []
+    limit = max_positions(hf_config)
+    if limit is not None and job.data.seq_len > limit:
+        problems.append(f"data.seq_len: {job.data.seq_len} exceeds the teacher's maximum positions ({limit})")
+    if job.cache.mode == "topk" and job.cache.top_k > vocab_size:
+        problems.append(f"cache.top_k: {job.cache.top_k} exceeds the teacher's vocab size ({vocab_size})")
+    if problems:
+        raise ConfigError("invalid config for this teacher:\n  - " + "\n  - ".join(problems))
+    return vocab_size
+
+
+def _fingerprint_identity(job: CacheJob, teacher: dict, tokenizer_hash: str, data: dict, width: int) -> dict:
+    c = job.cache
+    return {
+        "format_version": FORMAT_VERSION,
+        "teacher": {k: teacher[k] for k in ("weights_sha256",)} if teacher["weights_sha256"] else teacher,
+        "teacher_dtype": job.teacher.dtype,
+        "tokenizer_sha256": tokenizer_hash,
+        "data_sha256": data["sha256"],
+        "seq_len": job.data.seq_len,
+        "mode": c.mode,
+        "width": width,
+        "top_k": c.top_k if c.mode == "topk" else None,
+        "samples": c.samples if c.mode == "sample" else None,
+        "seed": c.seed if c.mode == "sample" else None,
+        "temperature": c.temperature,
+        "format": c.format,
+        "shard_size": c.shard_size,
+    }
+
+
+def make_plan(job: CacheJob) -> CachePlan:
+    """Validate everything that can be checked without the teacher's weights."""
+    if job.cache.dir:
+        ensure_writable(Path(job.cache.dir), "cache.dir")
+    else:
+        ensure_writable(Path(job.cache.root), "cache.root")
+    hf_config, tokenizer = load_config_and_tokenizer(job.teacher)
+    vocab_size = _check_against_model(job, hf_config)
+    splits = prepare_splits(job.data, tokenizer)
+    top_id = max(int(s.input_ids.max()) for s in splits.values())
+    if top_id >= vocab_size:
+        raise DataError(f"token id {top_id} from the tokenizer is outside the teacher's vocab ({vocab_size})")
+    width = job.cache.top_k if job.cache.mode == "topk" else min(job.cache.samples, vocab_size)
+    teacher = teacher_identity(job.teacher.model, job.teacher.revision, hf_config)
+    data = data_identity(job.data, splits)
+    tokenizer_hash = tokenizer_sha256(tokenizer)
+    print_ = _fingerprint_identity(job, teacher, tokenizer_hash, data, width)
+    fp = fingerprint(print_)
+    directory = Path(job.cache.dir) if job.cache.dir else Path(job.cache.root) / fp
+    fmt = get_format(job.cache.format)
+    header = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fp,
+        "created_by": f"distillery {__version__}",
+        "teacher": {**teacher, "dtype": job.teacher.dtype, "model_type": getattr(hf_config, "model_type", None)},
+        "tokenizer": {"sha256": tokenizer_hash, "length": len(tokenizer),
+                      "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        "vocab_size": vocab_size,
+        "dataset": data,
+        "seq_len": job.data.seq_len,
+        "mode": job.cache.mode,
+        "top_k": job.cache.top_k if job.cache.mode == "topk" else None,
+        "samples": job.cache.samples if job.cache.mode == "sample" else None,
+        "seed": job.cache.seed,
+        "width": width,
+        "temperature": job.cache.temperature,
+        "format": fmt.name,
+        "compression": {"codec": "zstd", "level": job.cache.compression_level},
+        "dtypes": {"input_ids": "int32", "topk_ids": "int32", "topk_logprobs": "float16",
+                   "tail_logprob": "float32", "loss_mask": "uint8"},
+        "fingerprint_identity": print_,
+        "config": to_dict(job),
+    }
+    sequences = {name: len(s.input_ids) for name, s in splits.items()}
+    shards = plan_shards(sequences, job.cache.shard_size, fmt.suffix)
+    return CachePlan(job, tokenizer, splits, vocab_size, width, header, directory, shards)
+
+
+def batch_targets(model, head: LogitHead, plan: CachePlan, split: str, first: int, input_ids: torch.Tensor):
+    """Soft targets for (B, T) int64 ids: ids (B, T, W) int32, logprobs float16, tail (B, T) float32, on CPU."""
+    c = plan.job.cache
+    batch, seq_len = input_ids.shape
+    flat = hidden_states(model, input_ids).reshape(batch * seq_len, -1)
+    out_ids = torch.empty((batch * seq_len, plan.width), dtype=torch.int32, device=flat.device)
+    out_logprobs = torch.empty((batch * seq_len, plan.width), dtype=torch.float16, device=flat.device)
+    out_tail = torch.empty(batch * seq_len, dtype=torch.float32, device=flat.device)
+    if c.mode == "sample":
+        uniforms = torch.cat([
+            sequence_uniforms(c.seed, SPLIT_IDS[split], first + b, seq_len, c.samples) for b in range(batch)
+        ]).to(flat.device)
+    for lo in range(0, flat.shape[0], c.chunk_size):
+        hi = min(lo + c.chunk_size, flat.shape[0])
+        logits = head(flat[lo:hi])
+        if c.mode == "topk":
+            ids, logprobs, tail = topk_targets(logits, c.top_k, c.temperature)
+        else:
+            ids, logprobs, tail = sample_targets(logits, uniforms[lo:hi], c.temperature, plan.width)
+        out_ids[lo:hi], out_logprobs[lo:hi], out_tail[lo:hi] = ids, logprobs, tail
+    shape = (batch, seq_len)
+    return (out_ids.reshape(*shape, -1).cpu().numpy(), out_logprobs.reshape(*shape, -1).cpu().numpy(),
+            out_tail.reshape(shape).cpu().numpy())
+
+
+def _write_shards(plan: CachePlan, todo: list[ShardPlan], device: torch.device, rank: int) -> None:
+    c = plan.job.cache
+    model = load_model(plan.job.teacher, device)
+    head = LogitHead.of(model)
+    if head.vocab_size != plan.vocab_size:
+        raise TeacherError(f"the teacher's lm_head has {head.vocab_size} rows but its config says vocab_size={plan.vocab_size}")
+    first = plan.splits[todo[0].split].input_ids[todo[0].start : todo[0].start + 1]
+    with torch.inference_mode():
+        check_logit_head(model, head, torch.from_numpy(first).long().to(device))
+    writer = BackgroundShardWriter(plan.directory, get_format(c.format), c.compression_level, plan.fingerprint)
+    total = sum(s.count for s in todo) * plan.job.data.seq_len
+    progress = tqdm(total=total, unit="tok", unit_scale=True, desc=f"teacher pass (part {rank})", file=sys.stderr)
+    try:
+        for shard in todo:
+            split = plan.splits[shard.split]
+            arrays = {
+                "input_ids": split.input_ids[shard.start : shard.start + shard.count],
+                "loss_mask": split.loss_mask[shard.start : shard.start + shard.count],
+            }
+            parts = []
+            for lo in range(shard.start, shard.start + shard.count, c.batch_size):
+                hi = min(lo + c.batch_size, shard.start + shard.count)
+                ids = torch.from_numpy(split.input_ids[lo:hi]).long().to(device)
+                with torch.inference_mode():
+                    parts.append(batch_targets(model, head, plan, shard.split, lo, ids))
+                progress.update(ids.numel())
+            for name, index in (("topk_ids", 0), ("topk_logprobs", 1), ("tail_logprob", 2)):
+                arrays[name] = np.concatenate([p[index] for p in parts])
+            writer.submit(shard, arrays)
+    finally:
+        progress.close()
+        writer.close()
+
+
+def run_cache(job: CacheJob, num_tasks: int = 1, task_index: int = 0, finalize_only: bool = False) -> CacheResult:
+    """Run (or resume) this process's part of the cache; assemble the manifest when all parts are done."""
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    plan = make_plan(job)
+    directory = plan.directory
+    if is_complete(directory, plan.fingerprint):
+        log(f"cache hit: {directory} already holds fingerprint {plan.fingerprint}; no teacher work needed")
+        return CacheResult(directory, True, 0)
+    ensure_writable(directory, "cache directory")
+    claim(directory, plan.fingerprint, to_yaml(job))
+    written = 0
+    if not finalize_only:
+        parts = num_parts(num_tasks, world_size)
+        part = part_index(task_index, num_tasks, rank, world_size)
+        mine = [plan.shards[i] for i in shards_of_part(len(plan.shards), part, parts)]
+        todo = [s for s in mine if read_done_record(directory, s, plan.fingerprint) is None]
+        for shard in todo:
+            discard_shard(directory, shard)
+        log(f"part {part}/{parts}: {len(mine)} shards, {len(mine) - len(todo)} already complete, {len(todo)} to write")
+        if todo:
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            _write_shards(plan, todo, resolve_device(job.device, local_rank), part)
+        written = len(todo)
+    missing = missing_shards(directory, plan.shards)
+    if missing:
+        if finalize_only:
+            raise FileNotFoundError(f"cannot finalize {directory}: {len(missing)} shards are missing: {missing[:10]}")
+        log(f"{len(missing)} shards are still being written by other parts; the last part to finish writes the manifest")
+        return CacheResult(directory, False, written)
+    assemble_manifest(directory, plan.shards, plan.header, plan.tokenizer)
+    log(f"wrote manifest for {len(plan.shards)} shards in {directory}")
+    return CacheResult(directory, False, written)

@@ -1,0 +1,120 @@
+"""``distillery`` command line: parse arguments and ``key=value`` overrides, then run one stage."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.errors import ConfigError, DataError, OutputError, TeacherError
+from storage.errors import CacheError
+
+USER_ERRORS = (ConfigError, DataError, TeacherError, OutputError, CacheError, FileNotFoundError)
+
+
+def _cache(args) -> int:
+    from pipeline.cache import run_cache
+    from pipeline.config import CacheJob
+    from pipeline.config_loading import load_config
+
+    job = load_config(CacheJob, args.config, args.overrides)
+    result = run_cache(job, num_tasks=args.num_shards, task_index=args.shard_index, finalize_only=args.finalize)
+    print(result.directory)
+    return 0
+
+
+def _inspect(args) -> int:
+    from pipeline.inspect_cache import format_summary, summarize
+    from storage.manifest import read_manifest
+
+    summary = summarize(read_manifest(args.directory))
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def _verify(args) -> int:
+    from storage.manifest import read_manifest
+
+    manifest = read_manifest(args.directory)
+    problems = manifest.verify()
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"{len(manifest.shards) - len(problems)}/{len(manifest.shards)} shards verified in {args.directory}")
+    return 1 if problems else 0
+
+
+def _tokenizer(args) -> int:
+    from pipeline.tokenizer import build_tokenizer
+
+    print(build_tokenizer(args.out, vocab_size=args.vocab_size))
+    return 0
+
+
+def _init_model(args) -> int:
+    from pipeline.models import build_model
+
+    print(build_model(args.tokenizer, args.out, arch=args.arch, hidden=args.hidden, layers=args.layers,
+                      heads=args.heads, max_positions=args.max_positions, seed=args.seed))
+    return 0
+
+
+def _bench(args) -> int:
+    from pipeline.bench import run_bench
+
+    print(run_bench(args.out, quick=args.quick))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distillery", description="Offline knowledge distillation for causal LMs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    cache = commands.add_parser("cache", help="run the teacher once and cache its soft targets")
+    cache.add_argument("--config", help="YAML config file (optional)")
+    cache.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. cache.top_k=32")
+    cache.add_argument("--num-shards", type=int, default=1, help="number of parallel jobs (e.g. Slurm array size)")
+    cache.add_argument("--shard-index", type=int, default=0, help="this job's index in [0, num-shards)")
+    cache.add_argument("--finalize", action="store_true", help="only assemble the manifest from finished shards")
+    cache.set_defaults(run=_cache)
+
+    inspect = commands.add_parser("inspect", help="summarise a cache")
+    inspect.add_argument("directory")
+    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    inspect.set_defaults(run=_inspect)
+
+    verify = commands.add_parser("verify", help="re-hash every shard of a cache")
+    verify.add_argument("directory")
+    verify.set_defaults(run=_verify)
+
+    tokenizer = commands.add_parser("tokenizer", help="train the byte-level BPE on the shipped corpus")
+    tokenizer.add_argument("--out", required=True)
+    tokenizer.add_argument("--vocab-size", type=int, default=8192)
+    tokenizer.set_defaults(run=_tokenizer)
+
+    init = commands.add_parser("init-model", help="save a random-initialised model on a local tokenizer")
+    init.add_argument("--tokenizer", required=True)
+    init.add_argument("--out", required=True)
+    init.add_argument("--arch", default="llama", choices=["llama", "gpt2", "gemma2"])
+    init.add_argument("--hidden", type=int, default=384)
+    init.add_argument("--layers", type=int, default=6)
+    init.add_argument("--heads", type=int, default=6)
+    init.add_argument("--max-positions", type=int, default=1024)
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(run=_init_model)
+    bench = commands.add_parser("bench", help="run the benchmarks; write results.json and results.md")
+    bench.add_argument("--out", required=True, help="output directory")
+    bench.add_argument("--quick", action="store_true", help="tiny smoke run, not a timing")
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as exc:
+        print(f"distillery {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Load a text dataset, tokenize it, and pack it into fixed-length sequences.
+
+Documents are joined with EOS into one token stream and cut into blocks of
+``seq_len`` tokens. The final partial block is kept: it is padded with the
+tokenizer's pad token (EOS when there is none) and its padded positions get
+``loss_mask = 0``.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import DataConfig
+from pipeline.errors import DataError
+
+BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+
+
+@dataclass
+class PackedSplit:
+    """Packed sequences of one split.
+
+    input_ids: (n, T) int32. loss_mask: (n, T) uint8, 0 at padding.
+    """
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    documents: int
+
+    @property
+    def tokens(self) -> int:
+        return int(self.input_ids.size)
+
+
+def _builder_for(path: Path) -> str | None:
+    suffixes = [s for s in path.suffixes if s not in COMPRESSIONS]
+    return BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def _local_files(path: Path) -> tuple[str, list[str]]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and _builder_for(p))
+    builders = {_builder_for(p) for p in files}
+    if not files or None in builders:
+        raise DataError(
+            f"data.path {path}: no readable data files; expected .txt, .json, .jsonl or .parquet "
+            f"(optionally compressed with {', '.join(COMPRESSIONS)})"
+        )
+    if len(builders) > 1:
+        raise DataError(f"data.path {path} mixes file types {sorted(builders)}; use one type per folder")
+    return builders.pop(), [str(p) for p in files]
+
+
+def load_documents(path: str, split: str, text_field: str):
+    """Load a ``datasets.Dataset`` from a local file/folder or the hub, checking ``text_field``."""
+    import datasets
+
+    local = Path(path).expanduser()
+    try:
+        if local.exists():
+            builder, files = _local_files(local)
+            dataset = datasets.load_dataset(builder, data_files={split: files}, split=split)
+        else:
+            dataset = datasets.load_dataset(path, split=split)
+    except DataError:
+        raise
+    except Exception as exc:  # datasets raises many types; name the input either way
+        where = "local data" if local.exists() else "a hub dataset (it is not a local path)"
+        raise DataError(f"data.path {path!r}: could not load {where}, split {split!r}: {exc}") from exc
+    if text_field not in dataset.column_names:
+        raise DataError(
+            f"data.text_field {text_field!r} is not a column of {path!r}; "
+            f"its columns are {dataset.column_names}. Set data.text_field to one of them."
+        )
+    return dataset
+
+
+def _token_stream(dataset, tokenizer, text_field: str, eos_id: int, num_proc: int) -> np.ndarray:
+    """Tokenize every document and join them with EOS into one int32 stream."""
+
+    def encode(batch):
+        return {"ids": tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]}
+
+    encoded = dataset.map(
+        encode, batched=True, remove_columns=dataset.column_names, num_proc=num_proc if num_proc > 1 else None,
+        desc="tokenizing",
+    )
+    column = encoded.data.column("ids").combine_chunks()
+    if isinstance(column, pa.ChunkedArray):  # pyarrow returns an Array here; older versions differ
+        column = column.combine_chunks()
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+    ends = np.diff(column.offsets.to_numpy())
+    return np.insert(values, np.cumsum(ends), np.int32(eos_id))
+
+
+def pack(stream: np.ndarray, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a token stream into (n, seq_len) blocks; pad the last one and mask its padding."""
+    n = -(-len(stream) // seq_len)
+    ids = np.full(n * seq_len, pad_id, dtype=np.int32)
+    ids[: len(stream)] = stream
+    mask = np.zeros(n * seq_len, dtype=np.uint8)
+    mask[: len(stream)] = 1
+    return ids.reshape(n, seq_len), mask.reshape(n, seq_len)
+
+
+def _holdout_indices(n_docs: int, fraction: float, seed: int) -> np.ndarray:
+    n_eval = max(1, round(n_docs * fraction))
+    if n_eval >= n_docs:
+        raise DataError(
+            f"data.holdout_fraction {fraction} of {n_docs} documents leaves nothing to train on; lower it"
+        )
+    return np.sort(np.random.default_rng(seed).permutation(n_docs)[:n_eval])
+
+
+def _pack_split(dataset, tokenizer, cfg: DataConfig, eos_id: int, pad_id: int, name: str) -> PackedSplit:
+    stream = _token_stream(dataset, tokenizer, cfg.text_field, eos_id, cfg.num_proc)
+    if len(stream) == len(dataset):  # only the EOS separators: every document was empty
+        raise DataError(f"the {name} split of {cfg.path!r} has no tokens; its documents are empty")
+    ids, mask = pack(stream, cfg.seq_len, pad_id)
+    return PackedSplit(ids, mask, len(dataset))
+
+
+def prepare_splits(cfg: DataConfig, tokenizer) -> dict[str, PackedSplit]:
+    """Load, split, tokenize and pack the data; returns ``{"train": ..., "eval": ...}`` (eval optional)."""
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise DataError("the tokenizer has no EOS token, so documents cannot be joined; set tokenizer.eos_token")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    documents = load_documents(cfg.path, cfg.split, cfg.text_field)
+    if len(documents) == 0:
+        raise DataError(f"data.path {cfg.path!r} split {cfg.split!r} is empty")
+    sources = {"train": documents}
+    if cfg.eval_path:
+        sources["eval"] = load_documents(cfg.eval_path, cfg.eval_split or cfg.split, cfg.text_field)
+    elif cfg.holdout_fraction > 0:
+        held = _holdout_indices(len(documents), cfg.holdout_fraction, cfg.seed)
+        keep = np.setdiff1d(np.arange(len(documents)), held)
+        sources = {"train": documents.select(keep), "eval": documents.select(held)}
+    splits = {name: _pack_split(ds, tokenizer, cfg, eos_id, pad_id, name) for name, ds in sources.items()}
+    if cfg.max_tokens is not None:
+        train = splits["train"]
+        n = max(1, cfg.max_tokens // cfg.seq_len)
+        splits["train"] = PackedSplit(train.input_ids[:n], train.loss_mask[:n], train.documents)
+    return splits
+
+
+def data_identity(cfg: DataConfig, splits: dict[str, PackedSplit]) -> dict:
+    """Description and content hash of the packed data, for the manifest and fingerprint."""
+    digest = hashlib.sha256()
+    for name in sorted(splits):
+        digest.update(name.encode())
+        digest.update(splits[name].input_ids.tobytes())
+        digest.update(splits[name].loss_mask.tobytes())
+    return {
+        "path": cfg.path,
+        "split": cfg.split,
+        "text_field": cfg.text_field,
+        "eval_path": cfg.eval_path,
+        "holdout_fraction": cfg.holdout_fraction,
+        "seed": cfg.seed,
+        "max_tokens": cfg.max_tokens,
+        "documents": {name: s.documents for name, s in splits.items()},
+        "sha256": digest.hexdigest(),
+    }

@@ -1,0 +1,25 @@
+"""Errors raised by the pipeline stages; each subclasses the built-in a caller expects."""
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed; the message lists every problem.
+
+    ``problems`` holds ``(key, message)`` pairs for checks raised by a config
+    section, so an enclosing loader can prefix them with the section's name.
+    """
+
+    def __init__(self, message: str, problems: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.problems = problems or []
+
+
+class DataError(ValueError):
+    """The dataset cannot be loaded, tokenized or packed as configured."""
+
+
+class TeacherError(ValueError):
+    """The teacher model or tokenizer cannot be used as configured."""
+
+
+class OutputError(OSError):
+    """An output directory cannot be created or written."""

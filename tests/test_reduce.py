@@ -1,0 +1,63 @@
+"""Top-k and sample reductions against dense references."""
+from __future__ import annotations
+
+import torch
+
+from pipeline.reduce import sample_targets, sequence_uniforms, topk_targets, unique_counts
+
+
+def test_topk_matches_log_softmax_and_tail():
+    logits = torch.randn(50, 300) * 3
+    ids, logprobs, tail = topk_targets(logits, 10, temperature=1.5)
+    dense = torch.log_softmax(logits / 1.5, dim=-1)
+    want_lp, want_ids = dense.topk(10, dim=-1)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(logprobs, want_lp, atol=1e-5, rtol=1e-5)
+    rest = dense.exp().sum(-1) - want_lp.exp().sum(-1)
+    torch.testing.assert_close(tail.exp(), rest, atol=1e-5, rtol=1e-4)
+
+
+def test_topk_of_whole_vocab_has_empty_tail():
+    _, _, tail = topk_targets(torch.randn(4, 16), 16, temperature=1.0)
+    assert torch.all(torch.isneginf(tail))
+
+
+def test_unique_counts():
+    draws = torch.tensor([[3, 1, 3, 3, 2], [5, 5, 5, 5, 5]])
+    ids, counts = unique_counts(draws)
+    assert ids.tolist() == [[3, 1, 2, -1, -1], [5, -1, -1, -1, -1]]
+    assert counts.tolist() == [[3, 1, 1, 0, 0], [5, 0, 0, 0, 0]]
+
+
+def test_sampling_is_unbiased():
+    """Averaged over many draws, the stored weights match the teacher's probabilities."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 40) * 2
+    probs = torch.softmax(logits / 0.8, dim=-1)[0].double()
+    rows, draws = 4000, 8
+    uniforms = torch.rand(rows, draws)
+    ids, logprobs, tail = sample_targets(logits.expand(rows, -1), uniforms, 0.8, width=draws)
+    weights = torch.zeros(rows, 41, dtype=torch.float64)
+    weights.scatter_add_(1, ids.clamp(min=-1) + 1, logprobs.exp().double())  # column 0 collects padding
+    estimate = weights[:, 1:].mean(0)
+    stderr = (probs * (1 - probs) / (rows * draws)).sqrt()
+    assert torch.all((estimate - probs).abs() <= 5 * stderr + 1e-12)
+    assert torch.all(torch.isneginf(tail))
+
+
+def test_sampling_does_not_depend_on_chunking():
+    logits = torch.randn(12, 64)
+    uniforms = sequence_uniforms(3, 0, 5, 12, 16)
+    whole = sample_targets(logits, uniforms, 1.0, 16)
+    parts = [sample_targets(logits[i : i + 5], uniforms[i : i + 5], 1.0, 16) for i in range(0, 12, 5)]
+    for got, part in zip(whole, zip(*parts)):
+        assert torch.equal(got, torch.cat(part))
+    assert torch.equal(uniforms, sequence_uniforms(3, 0, 5, 12, 16))
+    assert not torch.equal(uniforms, sequence_uniforms(3, 0, 6, 12, 16))
+
+
+def test_sample_width_bound_by_vocab_keeps_every_draw():
+    logits = torch.zeros(3, 4)
+    ids, logprobs, _ = sample_targets(logits, torch.rand(3, 50), 1.0, width=4)
+    assert ids.shape == (3, 4)
+    torch.testing.assert_close(logprobs.exp().sum(-1), torch.ones(3))
