@@ -22,6 +22,24 @@ def _cache(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from pipeline.config_loading import load_config
+    from pipeline.train_config import TrainJob
+    from pipeline.train_jobs import train_from_cache
+
+    print(train_from_cache(load_config(TrainJob, args.config, args.overrides)))
+    return 0
+
+
+def _pretrain(args) -> int:
+    from pipeline.config_loading import load_config
+    from pipeline.train_config import PretrainJob
+    from pipeline.train_jobs import pretrain
+
+    print(pretrain(load_config(PretrainJob, args.config, args.overrides)))
+    return 0
+
+
 def _inspect(args) -> int:
     from pipeline.inspect_cache import format_summary, summarize
     from storage.manifest import read_manifest
@@ -75,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--shard-index", type=int, default=0, help="this job's index in [0, num-shards)")
     cache.add_argument("--finalize", action="store_true", help="only assemble the manifest from finished shards")
     cache.set_defaults(run=_cache)
+
+    for name, run, text in (("train", _train, "train a student on cached soft targets"),
+                            ("pretrain", _pretrain, "train a model with cross-entropy on raw text")):
+        stage = commands.add_parser(name, help=text)
+        stage.add_argument("--config", help="YAML config file (optional)")
+        stage.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
+        stage.set_defaults(run=run)
 
     inspect = commands.add_parser("inspect", help="summarise a cache")
     inspect.add_argument("directory")

@@ -20,6 +20,8 @@ def topk_targets(logits: torch.Tensor, k: int, temperature: float):
     logprobs = values - torch.logsumexp(scaled, dim=-1, keepdim=True)
     head = torch.logsumexp(logprobs, dim=-1).clamp(max=0.0)
     tail = torch.log(-torch.expm1(head))  # log(1 - exp(head)), -inf when the head holds all mass
+    if k == logits.shape[-1]:
+        tail = torch.full_like(tail, -torch.inf)  # exactly empty, not a rounding residue
     return ids, logprobs, tail
 
 

@@ -30,3 +30,23 @@ def cache_args(model: Path, data: Path, directory: Path, **extra) -> list[str]:
     }
     settings.update(extra)
     return [f"{k}={v}" for k, v in settings.items()]
+
+STUDENT = "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2}"
+
+
+def train_args(cache_dir: Path, out_dir: Path, **extra) -> list[str]:
+    """``key=value`` overrides for a small, fast training run."""
+    settings = {
+        "cache.dir": cache_dir, "student.config": STUDENT, "train.out_dir": out_dir, "train.steps": 12,
+        "train.batch_size": 4, "train.checkpoint_every": 4, "train.eval_every": 6, "train.log_every": 1,
+        "train.warmup_steps": 2, "train.chunk_size": 50, "device": "cpu",
+    }
+    settings.update(extra)
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def train(args: list[str]) -> Path:
+    from pipeline.train_config import TrainJob
+    from pipeline.train_jobs import train_from_cache
+
+    return train_from_cache(load_config(TrainJob, None, args))
