@@ -21,13 +21,13 @@ test: install
 	$(BIN)/python -m pytest -q
 
 demo: install
-	@echo "== 1/3 tokenizer: byte-level BPE on the shipped KJV corpus =="
+	@echo "== 1/4 tokenizer: byte-level BPE (8k) on the shipped KJV corpus =="
 	@test -d $(DEMO)/tokenizer || $(BIN)/distillery tokenizer --out $(DEMO)/tokenizer --vocab-size 8192
-	@echo "== 2/3 teacher: random-init Llama (2.5M params) =="
-	@test -d $(DEMO)/teacher || $(BIN)/distillery init-model --tokenizer $(DEMO)/tokenizer --out $(DEMO)/teacher \
-		--hidden 128 --layers 2 --heads 4
-	@echo "== 3/3 cache: teacher soft targets for the corpus =="
-	@dir=$$($(BIN)/distillery cache --config configs/demo_cache.yaml | tail -1) && $(BIN)/distillery inspect $$dir
+	@echo "== 2/4 teacher: pretrain a 7.6M-parameter Llama on the corpus (kept for later demos) =="
+	@test -d $(DEMO)/teacher/final || $(BIN)/distillery pretrain --config configs/demo_teacher.yaml
+	@echo "== 3/4 run: round 1 teacher -> student A, round 2 A -> smaller student B on chat data =="
+	$(BIN)/distillery run --config configs/demo_run.yaml
+	@echo "== 4/4 report: $(DEMO)/run/report.md =="
 
 bench: install
 	$(BIN)/distillery bench --out bench-results

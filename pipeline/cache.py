@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import __version__
+from pipeline import __version__, preempt
 from pipeline.cache_dir import assemble_manifest, claim, ensure_writable, is_complete, missing_shards
 from pipeline.config import CacheJob
 from pipeline.config_loading import to_dict, to_yaml
@@ -202,6 +202,8 @@ def _write_shards(plan: CachePlan, todo: list[ShardPlan], device: torch.device, 
             }
             parts = []
             for lo in range(shard.start, shard.start + shard.count, c.batch_size):
+                if preempt.requested():  # the shard in flight is dropped; written shards are flushed below
+                    raise preempt.Preempted(f"stopped before shard {shard.name}; rerun the command to resume")
                 hi = min(lo + c.batch_size, shard.start + shard.count)
                 ids = torch.from_numpy(split.input_ids[lo:hi]).long().to(device)
                 with torch.inference_mode():

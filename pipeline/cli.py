@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from pipeline.errors import ConfigError, DataError, OutputError, TeacherError
+from pipeline.run_state import LockHeldError
 from storage.errors import CacheError
 
-USER_ERRORS = (ConfigError, DataError, TeacherError, OutputError, CacheError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, TeacherError, OutputError, CacheError, FileNotFoundError, LockHeldError)
 
 
 def _cache(args) -> int:
@@ -37,6 +39,48 @@ def _pretrain(args) -> int:
     from pipeline.train_jobs import pretrain
 
     print(pretrain(load_config(PretrainJob, args.config, args.overrides)))
+    return 0
+
+
+def _run(args) -> int:
+    from pipeline.config_loading import load_config
+    from pipeline.report import build_report
+    from pipeline.rounds import run_pipeline
+    from pipeline.run_config import RunJob
+
+    job = load_config(RunJob, args.config, args.overrides)
+    run_dir = run_pipeline(job, args.round, args.stage, args.num_shards, args.shard_index)
+    if args.round is None and args.stage is None and int(os.environ.get("RANK", 0)) == 0:
+        report = build_report(run_dir)
+        print(report.read_text())
+    print(run_dir)
+    return 0
+
+
+def _status(args) -> int:
+    from pipeline.report import format_status
+
+    print(format_status(args.run_dir))
+    return 0
+
+
+def _report(args) -> int:
+    from pipeline.report import build_report
+
+    report = build_report(args.run_dir)
+    print(report.read_text())
+    print(report)
+    return 0
+
+
+def _slurm(args) -> int:
+    from pipeline.config_loading import load_config
+    from pipeline.run_config import RunJob
+    from pipeline.slurm import render
+
+    job = load_config(RunJob, args.config, [])
+    for path in render(args.config, args.round, args.num_shards, args.out, job.run.dir, gpus=args.gpus):
+        print(path)
     return 0
 
 
@@ -101,6 +145,29 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
         stage.set_defaults(run=run)
 
+    run = commands.add_parser("run", help="run a multi-round pipeline (or one stage of one round)")
+    run.add_argument("--config", help="YAML run config")
+    run.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    run.add_argument("--round", type=int, help="only this round (1-based)")
+    run.add_argument("--stage", choices=["cache", "train"], help="only this stage")
+    run.add_argument("--num-shards", type=int, default=1, help="parallel cache jobs (Slurm array size)")
+    run.add_argument("--shard-index", type=int, default=0, help="this cache job's index")
+    run.set_defaults(run=_run)
+
+    for name, handler, text in (("status", _status, "show the state of every round and stage"),
+                                ("report", _report, "write report.md and plots for a run")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("run_dir")
+        sub.set_defaults(run=handler)
+
+    slurm = commands.add_parser("slurm", help="render sbatch scripts for one round of a run")
+    slurm.add_argument("--config", required=True)
+    slurm.add_argument("--round", type=int, default=1)
+    slurm.add_argument("--num-shards", type=int, default=8, help="cache array tasks")
+    slurm.add_argument("--gpus", type=int, default=8, help="GPUs of the training job")
+    slurm.add_argument("--out", required=True, help="folder for the scripts and logs")
+    slurm.set_defaults(run=_slurm)
+
     inspect = commands.add_parser("inspect", help="summarise a cache")
     inspect.add_argument("directory")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -133,9 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline import preempt
+
     args = build_parser().parse_args(argv)
+    preempt.install()
     try:
         return args.run(args)
+    except preempt.Preempted as exc:
+        print(f"distillery {args.command}: preempted: {exc}", file=sys.stderr)
+        return preempt.PREEMPTED_EXIT
     except USER_ERRORS as exc:
         print(f"distillery {args.command}: error: {exc}", file=sys.stderr)
         return 2

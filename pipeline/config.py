@@ -38,6 +38,15 @@ class DataConfig:
     """Dataset split to read."""
     text_field: str = "text"
     """Column that holds the document text (.txt files always use ``text``)."""
+    format: Literal["text", "chat", "prompt_response"] = "text"
+    """``text``: train on every token; ``chat``: only assistant turns of ``messages_field``, rendered with the
+    tokenizer's chat template; ``prompt_response``: only ``response_field`` after ``prompt_field``."""
+    messages_field: str = "messages"
+    """Column of chat conversations (lists of ``{role, content}``) for ``format: chat``."""
+    prompt_field: str = "prompt"
+    """Prompt column for ``format: prompt_response``."""
+    response_field: str = "response"
+    """Response column for ``format: prompt_response``."""
     seq_len: int = 512
     """Tokens per packed sequence; must not exceed the teacher's maximum positions."""
     holdout_fraction: float = 0.0

@@ -1,9 +1,12 @@
-"""Load a text dataset, tokenize it, and pack it into fixed-length sequences.
+"""Load a dataset, tokenize it, and pack it into fixed-length sequences with a loss mask.
 
 Documents are joined with EOS into one token stream and cut into blocks of
-``seq_len`` tokens. The final partial block is kept: it is padded with the
-tokenizer's pad token (EOS when there is none) and its padded positions get
-``loss_mask = 0``.
+``seq_len`` tokens. The final partial block is kept and padded with the
+tokenizer's pad token (EOS when there is none).
+
+``loss_mask[j] = 1`` when the token after ``input_ids[j]`` is a training
+target: a real token for plain text, a response token for instruction and
+chat data (see ``pipeline.encode``). Padding, and the row before it, get 0.
 """
 from __future__ import annotations
 
@@ -12,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from pipeline.config import DataConfig
+from pipeline.encode import make_encoder, required_columns
 from pipeline.errors import DataError
 
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -55,8 +58,8 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     return builders.pop(), [str(p) for p in files]
 
 
-def load_documents(path: str, split: str, text_field: str):
-    """Load a ``datasets.Dataset`` from a local file/folder or the hub, checking ``text_field``."""
+def load_documents(path: str, split: str, columns: dict[str, str]):
+    """Load a ``datasets.Dataset`` from a local file/folder or the hub, checking that ``columns`` exist."""
     import datasets
 
     local = Path(path).expanduser()
@@ -71,39 +74,43 @@ def load_documents(path: str, split: str, text_field: str):
     except Exception as exc:  # datasets raises many types; name the input either way
         where = "local data" if local.exists() else "a hub dataset (it is not a local path)"
         raise DataError(f"data.path {path!r}: could not load {where}, split {split!r}: {exc}") from exc
-    if text_field not in dataset.column_names:
-        raise DataError(
-            f"data.text_field {text_field!r} is not a column of {path!r}; "
-            f"its columns are {dataset.column_names}. Set data.text_field to one of them."
-        )
+    for key, column in columns.items():
+        if column not in dataset.column_names:
+            raise DataError(
+                f"data.{key} {column!r} is not a column of {path!r}; "
+                f"its columns are {dataset.column_names}. Set data.{key} to one of them."
+            )
     return dataset
 
 
-def _token_stream(dataset, tokenizer, text_field: str, eos_id: int, num_proc: int) -> np.ndarray:
-    """Tokenize every document and join them with EOS into one int32 stream."""
-
-    def encode(batch):
-        return {"ids": tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]}
-
+def _token_stream(dataset, tokenizer, cfg: DataConfig, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize every document and join them with EOS: int32 ids and uint8 target flags, one per token."""
     encoded = dataset.map(
-        encode, batched=True, remove_columns=dataset.column_names, num_proc=num_proc if num_proc > 1 else None,
-        desc="tokenizing",
+        make_encoder(cfg, tokenizer), batched=True, remove_columns=dataset.column_names,
+        num_proc=cfg.num_proc if cfg.num_proc > 1 else None, desc="tokenizing",
     )
-    column = encoded.data.column("ids").combine_chunks()
-    if isinstance(column, pa.ChunkedArray):  # pyarrow returns an Array here; older versions differ
-        column = column.combine_chunks()
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
-    ends = np.diff(column.offsets.to_numpy())
-    return np.insert(values, np.cumsum(ends), np.int32(eos_id))
+    ids_column = encoded.data.column("ids").combine_chunks()
+    targets_column = encoded.data.column("targets").combine_chunks()
+    ids = ids_column.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+    targets = targets_column.flatten().to_numpy(zero_copy_only=False).astype(np.uint8)
+    ends = np.cumsum(np.diff(ids_column.offsets.to_numpy()))
+    starts = np.concatenate([[0], ends[:-1]])
+    eos_target = np.maximum.reduceat(targets, starts) if len(targets) else np.zeros(len(ends), np.uint8)
+    eos_target[starts == ends] = 0  # reduceat reads the next document for empty ones
+    return np.insert(ids, ends, np.int32(eos_id)), np.insert(targets, ends, eos_target.astype(np.uint8))
 
 
-def pack(stream: np.ndarray, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut a token stream into (n, seq_len) blocks; pad the last one and mask its padding."""
+def pack(stream: np.ndarray, targets: np.ndarray, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a token stream into (n, seq_len) blocks, padding the last one.
+
+    Returns ids (n, T) int32 and loss_mask (n, T) uint8, where row j's mask is
+    the target flag of the token after it (0 after the end of the stream).
+    """
     n = -(-len(stream) // seq_len)
     ids = np.full(n * seq_len, pad_id, dtype=np.int32)
     ids[: len(stream)] = stream
     mask = np.zeros(n * seq_len, dtype=np.uint8)
-    mask[: len(stream)] = 1
+    mask[: len(stream) - 1] = targets[1:]
     return ids.reshape(n, seq_len), mask.reshape(n, seq_len)
 
 
@@ -117,10 +124,12 @@ def _holdout_indices(n_docs: int, fraction: float, seed: int) -> np.ndarray:
 
 
 def _pack_split(dataset, tokenizer, cfg: DataConfig, eos_id: int, pad_id: int, name: str) -> PackedSplit:
-    stream = _token_stream(dataset, tokenizer, cfg.text_field, eos_id, cfg.num_proc)
+    stream, targets = _token_stream(dataset, tokenizer, cfg, eos_id)
     if len(stream) == len(dataset):  # only the EOS separators: every document was empty
         raise DataError(f"the {name} split of {cfg.path!r} has no tokens; its documents are empty")
-    ids, mask = pack(stream, cfg.seq_len, pad_id)
+    ids, mask = pack(stream, targets, cfg.seq_len, pad_id)
+    if not mask.any():
+        raise DataError(f"the {name} split of {cfg.path!r} has no target tokens (no responses); check data.format")
     return PackedSplit(ids, mask, len(dataset))
 
 
@@ -130,12 +139,12 @@ def prepare_splits(cfg: DataConfig, tokenizer) -> dict[str, PackedSplit]:
     if eos_id is None:
         raise DataError("the tokenizer has no EOS token, so documents cannot be joined; set tokenizer.eos_token")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    documents = load_documents(cfg.path, cfg.split, cfg.text_field)
+    documents = load_documents(cfg.path, cfg.split, required_columns(cfg))
     if len(documents) == 0:
         raise DataError(f"data.path {cfg.path!r} split {cfg.split!r} is empty")
     sources = {"train": documents}
     if cfg.eval_path:
-        sources["eval"] = load_documents(cfg.eval_path, cfg.eval_split or cfg.split, cfg.text_field)
+        sources["eval"] = load_documents(cfg.eval_path, cfg.eval_split or cfg.split, required_columns(cfg))
     elif cfg.holdout_fraction > 0:
         held = _holdout_indices(len(documents), cfg.holdout_fraction, cfg.seed)
         keep = np.setdiff1d(np.arange(len(documents)), held)
@@ -158,7 +167,8 @@ def data_identity(cfg: DataConfig, splits: dict[str, PackedSplit]) -> dict:
     return {
         "path": cfg.path,
         "split": cfg.split,
-        "text_field": cfg.text_field,
+        "format": cfg.format,
+        "columns": required_columns(cfg),
         "eval_path": cfg.eval_path,
         "holdout_fraction": cfg.holdout_fraction,
         "seed": cfg.seed,

@@ -28,13 +28,14 @@ class LossFacts:
 def labels_and_masks(batch: dict[str, torch.Tensor]):
     """Next-token labels (B, T) (-100 where none) and the KD and CE masks (B, T) bool.
 
-    Row t is trained on the teacher's targets where ``loss_mask[t]``; its hard
-    label is ``input_ids[t + 1]``, present where both positions are real.
+    Row t is trained where ``loss_mask[t]`` (its next token is a target). Its
+    hard label ``input_ids[t + 1]`` exists for t < T - 1; the last row's next
+    token opens the following sequence, so only its soft targets are used.
     """
     ids = batch["input_ids"]
     mask = batch.get("loss_mask", torch.ones_like(ids, dtype=torch.bool)).bool()
     ce_mask = torch.zeros_like(mask)
-    ce_mask[:, :-1] = mask[:, :-1] & mask[:, 1:]
+    ce_mask[:, :-1] = mask[:, :-1]
     labels = torch.full_like(ids, -100)
     labels[:, :-1] = ids[:, 1:]
     labels = torch.where(ce_mask, labels, torch.full_like(labels, -100))

@@ -9,8 +9,14 @@ from pathlib import Path
 from storage.atomic import atomic_write
 
 CORPUS = Path(__file__).parent / "assets" / "kjv.jsonl.gz"
+QA_CORPUS = Path(__file__).parent / "assets" / "kjv_qa.jsonl.gz"  # the same verses as prompt/response and chat
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+# Each turn ends with EOS, so a model trained on assistant turns learns to stop.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}" + EOS + "\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def corpus_texts(path: Path = CORPUS, limit_bytes: int | None = None) -> Iterator[str]:
@@ -45,6 +51,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 8192, corpus: Path = 
     )
     backend.train_from_iterator(corpus_texts(corpus, limit_bytes), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, bos_token=EOS, pad_token=PAD)
+    tokenizer.chat_template = CHAT_TEMPLATE
     out_dir = Path(out_dir)
     with atomic_write(out_dir) as tmp:
         tokenizer.save_pretrained(str(tmp))

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from pipeline import preempt
 from pipeline.cache_dir import ensure_writable
 from pipeline.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from pipeline.config import TeacherConfig
@@ -77,6 +78,14 @@ def _world() -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _preemption_agreed(world: int) -> bool:
+    """True when any rank got a preemption signal, so that all ranks stop after the same step."""
+    flag = torch.tensor([1.0 if preempt.requested() else 0.0])
+    if world > 1:
+        dist.all_reduce(flag)
+    return bool(flag.item())
 
 
 def _all_reduce_gradients(model, world: int) -> None:
@@ -159,9 +168,14 @@ def run_training(source: BatchSource, student_cfg: StudentConfig, train: TrainCo
             result = evaluate(model, head, source.eval_batches(), facts, device, train.chunk_size, train.eval_batches)
             metrics.write({"type": "eval", "step": step, "phase": phase_index, **result})
         stream_state = start.advance(consumed, source.batches_per_epoch)
-        if rank == 0 and train.checkpoint_every and (step % train.checkpoint_every == 0 or step == total):
+        stop = _preemption_agreed(world)
+        due = train.checkpoint_every and (step % train.checkpoint_every == 0 or step == total)
+        if rank == 0 and (due or stop):
             save_checkpoint(out / "checkpoints", model, optimizer, scheduler,
                             {"step": step, "tokens": tokens, "stream": stream_state.__dict__}, train.keep_checkpoints)
+        if stop:
+            progress.close()
+            raise preempt.Preempted(f"checkpointed at step {step} in {out / 'checkpoints'}; rerun to resume")
     progress.close()
     if rank == 0:
         with atomic_write(final) as tmp:

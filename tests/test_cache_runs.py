@@ -159,5 +159,7 @@ def test_eval_path_is_cached_as_eval_split(tmp_path, llama_dir, corpus_jsonl):
     evals = manifest.shards_for("eval")
     assert len(evals) == 1 and evals[0]["sequences"] == 1
     shard = read_all(manifest.directory)[evals[0]["path"]]
-    assert 0 < shard["loss_mask"].sum() < shard["loss_mask"].size
-    assert np.all(shard["input_ids"][shard["loss_mask"] == 0] == manifest.data["tokenizer"]["pad_token_id"])
+    real = int(shard["loss_mask"].sum()) + 1  # rows whose next token is real, plus the final EOS
+    assert 0 < real < shard["loss_mask"].size and shard["loss_mask"][0, : real - 1].all()
+    assert np.all(shard["input_ids"][0, real:] == manifest.data["tokenizer"]["pad_token_id"])
+    assert shard["input_ids"][0, real - 1] == manifest.data["tokenizer"]["eos_token_id"]

@@ -1,0 +1,71 @@
+"""Stage-2 step cost: CE, cached KD and online KD steps timed interleaved in one process.
+
+Each round runs one optimizer step of every setting in turn on the same
+batch shape, so machine noise hits all settings alike; medians and the
+min-max spread are reported. Data loading is excluded from step time and
+measured separately as the fraction of a real training loop spent waiting.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import TeacherConfig
+from pipeline.step import LossFacts, combine, micro_batch_sums, token_counts
+from pipeline.student import build_student
+from pipeline.teacher import LogitHead, load_model
+from pipeline.train_config import LossConfig, StudentConfig
+from storage.manifest import read_manifest
+from storage.reader import SoftTargetStream
+
+
+def _setting(cache_dir: Path, student: dict, batch_size: int, loss: LossConfig, teacher=None):
+    from transformers import AutoTokenizer
+
+    data = read_manifest(cache_dir).data
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(cache_dir) / data["tokenizer_dir"]))
+    model = build_student(StudentConfig(config=dict(student)), data["vocab_size"], tokenizer).train()
+    batch = next(iter(SoftTargetStream(cache_dir, batch_size, prefetch_depth=0)))
+    facts = LossFacts(data["tokenizer"]["length"], data["temperature"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> float:
+        start = time.perf_counter()
+        kd_tokens, ce_tokens = token_counts(batch).tolist()
+        kd_sum, ce_sum = micro_batch_sums(model, LogitHead.of(model), batch, loss, facts, 1024, teacher)
+        combine(kd_sum, ce_sum, kd_tokens, ce_tokens, loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    return step
+
+
+def step_ratios(topk_cache: Path, sample_cache: Path, teacher_dir: Path, student: dict, batch_size: int,
+                rounds: int = 15) -> dict:
+    teacher = load_model(TeacherConfig(model=str(teacher_dir)), torch.device("cpu"))
+    settings = {
+        "ce": _setting(topk_cache, student, batch_size, LossConfig(kind="ce")),
+        "kd_topk": _setting(topk_cache, student, batch_size, LossConfig()),
+        "kd_sample": _setting(sample_cache, student, batch_size, LossConfig()),
+        "kd_online": _setting(topk_cache, student, batch_size, LossConfig(teacher_live=str(teacher_dir)), teacher),
+    }
+    times = {name: [] for name in settings}
+    for round_index in range(rounds + 2):
+        for name, step in settings.items():
+            seconds = step()
+            if round_index >= 2:  # the first rounds warm up allocators and caches
+                times[name].append(seconds)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    record = {f"{name}_step_s": median[name] for name in settings}
+    record.update({f"{name}_spread_s": [min(t), max(t)] for name, t in times.items()})
+    record.update(
+        kd_topk_over_ce=median["kd_topk"] / median["ce"],
+        kd_sample_over_ce=median["kd_sample"] / median["ce"],
+        online_over_kd_sample=median["kd_online"] / median["kd_sample"],
+        online_over_kd_topk=median["kd_online"] / median["kd_topk"],
+    )
+    return record

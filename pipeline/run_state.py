@@ -1,0 +1,93 @@
+"""The run directory's state file and the locks that keep two processes off one stage.
+
+``state.json`` records each stage of each round (status, cache directory,
+cache hit, wall time). It is rewritten atomically under a short ``flock``.
+A stage lock is a file created exclusively that names its holder
+(host, pid, start time); a lock whose holder process is gone from this host
+is stale and is taken over.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from storage.atomic import write_text
+
+STATE_NAME = "state.json"
+
+
+class LockHeldError(RuntimeError):
+    """Another live process holds the stage."""
+
+
+def read_state(run_dir: Path) -> dict:
+    path = run_dir / STATE_NAME
+    return json.loads(path.read_text()) if path.is_file() else {"rounds": {}}
+
+
+@contextmanager
+def _state_mutex(run_dir: Path):
+    with open(run_dir / ".state.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def update_stage(run_dir: Path, round_index: int, stage: str, **fields) -> dict:
+    """Merge ``fields`` into the record of one stage and rewrite ``state.json`` atomically."""
+    with _state_mutex(run_dir):
+        state = read_state(run_dir)
+        record = state["rounds"].setdefault(str(round_index), {}).setdefault(stage, {})
+        record.update(fields)
+        write_text(run_dir / STATE_NAME, json.dumps(state, indent=2) + "\n")
+    return record
+
+
+def stage_record(run_dir: Path, round_index: int, stage: str) -> dict:
+    return read_state(run_dir)["rounds"].get(str(round_index), {}).get(stage, {})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def stage_lock(path: Path):
+    """Hold ``path`` exclusively for the duration of a stage, or raise ``LockHeldError`` naming the holder."""
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            raise LockHeldError(
+                f"{path} is held by pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}; "
+                f"wait for it, or delete the lock file if that process is gone"
+            ) from None
+        with os.fdopen(fd, "w") as handle:
+            json.dump(me, handle)
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
