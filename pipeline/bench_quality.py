@@ -15,4 +15,57 @@ def train_and_score(name: str, overrides: list[str], teacher_dir: Path, eval_cac
     start = time.perf_counter()
     final = train_from_cache(load_config(TrainJob, None, overrides))
     seconds = time.perf_counter() - start
-    return {"student": name, "train_seconds": seconds, **score_against_teacher(final, teacher_dir, eval_cache)}
+    return {"student": name, "train_seconds": seconds, "final": str(final),
+            **score_against_teacher(final, teacher_dir, eval_cache)}
+
+
+QUALITY_SETTINGS = [
+    ("ce_only", "topk8", ["loss.kind=ce"]),
+    *[(f"topk{k}_{tail}", f"topk{k}", [f"loss.tail={tail}"]) for k in (8, 64)
+      for tail in ("bucket", "ground_truth", "renormalize")],
+    ("topk64_bucket_alpha0.5", "topk64", ["loss.alpha=0.5"]),
+    ("sample50", "sample50", []),
+    ("hybrid8+24", "hybrid8+24", []),
+    ("online_full_kd", "topk8", ["loss.teacher_live={teacher}"]),
+]
+CACHE_SETTINGS = {
+    "topk8": ["cache.mode=topk", "cache.top_k=8"],
+    "topk64": ["cache.mode=topk", "cache.top_k=64"],
+    "sample50": ["cache.mode=sample", "cache.samples=50"],
+    "hybrid8+24": ["cache.mode=hybrid", "cache.top_k=8", "cache.samples=24"],
+}
+
+
+def quality_records(teacher: Path, caches: dict[str, Path], common: list[str], out: Path, seeds: int,
+                    subset: int | None = None) -> list[dict]:
+    """The QUALITY_SETTINGS (the first ``subset``) for ``seeds`` seeds, scored against the live teacher."""
+    records = []
+    for seed in range(seeds):
+        for name, cache_name, extra in QUALITY_SETTINGS[:subset]:
+            overrides = [f"cache.dir={caches[cache_name]}", f"train.seed={seed}", f"student.seed={seed}",
+                         f"train.out_dir={out / f'{name}-seed{seed}'}", "train.resume=never",
+                         *common, *(e.format(teacher=teacher) for e in extra)]
+            record = train_and_score(name, overrides, teacher, caches["topk8"])
+            records.append({**record, "seed": seed, "cache_bytes_per_token": _bytes_per_token(caches[cache_name])})
+    return records
+
+
+def _bytes_per_token(cache_dir: Path) -> float:
+    from storage.manifest import read_manifest
+
+    shards = read_manifest(cache_dir).shards
+    return sum(s["bytes"] for s in shards) / sum(s["tokens"] for s in shards)
+
+
+def summarize_quality(records: list[dict]) -> list[dict]:
+    """Per setting: the mean over seeds and the min-max spread of each metric."""
+    rows = []
+    for name in dict.fromkeys(r["student"] for r in records):
+        group = [r for r in records if r["student"] == name]
+        row = {"student": name, "seeds": len(group), "bytes_per_token": group[0]["cache_bytes_per_token"]}
+        for metric in ("kl", "ppl", "top1", "ece"):
+            values = [r[metric] for r in group]
+            row[metric] = sum(values) / len(values)
+            row[f"{metric}_spread"] = max(values) - min(values)
+        rows.append(row)
+    return rows

@@ -69,3 +69,55 @@ def step_ratios(topk_cache: Path, sample_cache: Path, teacher_dir: Path, student
         online_over_kd_topk=median["kd_online"] / median["kd_topk"],
     )
     return record
+
+
+def _peak_rss_of_training(overrides: list[str]) -> dict:
+    """Train in a fresh process; return its peak RSS (MB) and the data-wait fraction it logged."""
+    import json
+    import subprocess
+    import sys
+
+    script = ("import json, resource, sys\n"
+              "from pipeline.config_loading import load_config\n"
+              "from pipeline.train_config import TrainJob\n"
+              "from pipeline.train_jobs import train_from_cache\n"
+              "final = train_from_cache(load_config(TrainJob, None, sys.argv[1:]))\n"
+              "records = [json.loads(l) for l in (final.parent / 'metrics.jsonl').read_text().splitlines()]\n"
+              "wait = [r['data_wait'] for r in records if r['type'] == 'train'][-1]\n"
+              "print(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'data_wait': wait}))\n")
+    done = subprocess.run([sys.executable, "-c", script, *overrides], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def replicated_cache(source: Path, target: Path, copies: int) -> Path:
+    """A cache whose train split lists every shard of ``source`` ``copies`` times (hard links, no extra disk)."""
+    import os
+    import shutil
+
+    from storage.manifest import write_json
+
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    manifest = read_manifest(source)
+    shards = []
+    for copy in range(copies):
+        for record in manifest.shards:
+            if record["split"] != "train" and copy > 0:
+                continue
+            name = f"c{copy}-{record['path']}"
+            os.link(source / record["path"], target / name)
+            shards.append({**record, "path": name})
+    shutil.copytree(source / manifest.data["tokenizer_dir"], target / manifest.data["tokenizer_dir"])
+    write_json(target / "manifest.json", {**manifest.data, "shards": shards})
+    return target
+
+
+def memory_records(cache_dir: Path, common: list[str], out: Path) -> list[dict]:
+    """Peak RSS and data wait of the same training run on a cache and on one 10x larger."""
+    records = []
+    for copies in (1, 10):
+        source = cache_dir if copies == 1 else replicated_cache(cache_dir, out / "cache-x10", copies)
+        figures = _peak_rss_of_training([f"cache.dir={source}", f"train.out_dir={out / f'rss-x{copies}'}",
+                                         "train.resume=never", *common])
+        records.append({"cache_copies": copies, **figures})
+    return records

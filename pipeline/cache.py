@@ -25,7 +25,7 @@ from pipeline.config_loading import to_dict, to_yaml
 from pipeline.data import PackedSplit, data_identity, prepare_splits
 from pipeline.errors import ConfigError, DataError, TeacherError
 from pipeline.identity import teacher_identity, tokenizer_sha256
-from pipeline.reduce import sample_targets, sequence_uniforms, topk_targets
+from pipeline.reduce import hybrid_targets, sample_targets, sequence_uniforms, slot_width, topk_targets
 from pipeline.shard_writer import BackgroundShardWriter, ShardPlan, discard_shard, plan_shards, read_done_record
 from pipeline.teacher import (
     LogitHead,
@@ -81,7 +81,7 @@ def _check_against_model(job: CacheJob, hf_config) -> int:
     limit = max_positions(hf_config)
     if limit is not None and job.data.seq_len > limit:
         problems.append(f"data.seq_len: {job.data.seq_len} exceeds the teacher's maximum positions ({limit})")
-    if job.cache.mode == "topk" and job.cache.top_k > vocab_size:
+    if job.cache.mode in ("topk", "hybrid") and job.cache.top_k > vocab_size - (job.cache.mode == "hybrid"):
         problems.append(f"cache.top_k: {job.cache.top_k} exceeds the teacher's vocab size ({vocab_size})")
     if problems:
         raise ConfigError("invalid config for this teacher:\n  - " + "\n  - ".join(problems))
@@ -99,9 +99,9 @@ def _fingerprint_identity(job: CacheJob, teacher: dict, tokenizer_hash: str, dat
         "seq_len": job.data.seq_len,
         "mode": c.mode,
         "width": width,
-        "top_k": c.top_k if c.mode == "topk" else None,
-        "samples": c.samples if c.mode == "sample" else None,
-        "seed": c.seed if c.mode == "sample" else None,
+        "top_k": c.top_k if c.mode != "sample" else None,
+        "samples": c.samples if c.mode != "topk" else None,
+        "seed": c.seed if c.mode != "topk" else None,
         "temperature": c.temperature,
         "format": c.format,
         "shard_size": c.shard_size,
@@ -120,7 +120,7 @@ def make_plan(job: CacheJob) -> CachePlan:
     top_id = max(int(s.input_ids.max()) for s in splits.values())
     if top_id >= vocab_size:
         raise DataError(f"token id {top_id} from the tokenizer is outside the teacher's vocab ({vocab_size})")
-    width = job.cache.top_k if job.cache.mode == "topk" else min(job.cache.samples, vocab_size)
+    width = slot_width(job.cache.mode, job.cache.top_k, job.cache.samples, vocab_size)
     teacher = teacher_identity(job.teacher.model, job.teacher.revision, hf_config)
     data = data_identity(job.data, splits)
     tokenizer_hash = tokenizer_sha256(tokenizer)
@@ -139,8 +139,8 @@ def make_plan(job: CacheJob) -> CachePlan:
         "dataset": data,
         "seq_len": job.data.seq_len,
         "mode": job.cache.mode,
-        "top_k": job.cache.top_k if job.cache.mode == "topk" else None,
-        "samples": job.cache.samples if job.cache.mode == "sample" else None,
+        "top_k": job.cache.top_k if job.cache.mode != "sample" else None,
+        "samples": job.cache.samples if job.cache.mode != "topk" else None,
         "seed": job.cache.seed,
         "width": width,
         "temperature": job.cache.temperature,
@@ -164,7 +164,7 @@ def batch_targets(model, head: LogitHead, plan: CachePlan, split: str, first: in
     out_ids = torch.empty((batch * seq_len, plan.width), dtype=torch.int32, device=flat.device)
     out_logprobs = torch.empty((batch * seq_len, plan.width), dtype=torch.float16, device=flat.device)
     out_tail = torch.empty(batch * seq_len, dtype=torch.float32, device=flat.device)
-    if c.mode == "sample":
+    if c.mode != "topk":
         uniforms = torch.cat([
             sequence_uniforms(c.seed, SPLIT_IDS[split], first + b, seq_len, c.samples) for b in range(batch)
         ]).to(flat.device)
@@ -173,6 +173,9 @@ def batch_targets(model, head: LogitHead, plan: CachePlan, split: str, first: in
         logits = head(flat[lo:hi])
         if c.mode == "topk":
             ids, logprobs, tail = topk_targets(logits, c.top_k, c.temperature)
+        elif c.mode == "hybrid":
+            ids, logprobs, tail = hybrid_targets(logits, c.top_k, uniforms[lo:hi], c.temperature)
+            ids, logprobs = ids[:, : plan.width], logprobs[:, : plan.width]
         else:
             ids, logprobs, tail = sample_targets(logits, uniforms[lo:hi], c.temperature, plan.width)
         out_ids[lo:hi], out_logprobs[lo:hi], out_tail[lo:hi] = ids, logprobs, tail

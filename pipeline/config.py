@@ -85,12 +85,13 @@ class CacheConfig:
     """Directory holding caches by fingerprint, shared between experiments."""
     format: Literal["arrow", "zarr"] = "arrow"
     """Shard backend: Arrow IPC files or Zarr v3 groups."""
-    mode: Literal["topk", "sample"] = "sample"
-    """``sample``: unbiased draws from the teacher (recommended); ``topk``: top-k ids plus tail mass."""
+    mode: Literal["topk", "sample", "hybrid"] = "sample"
+    """``sample``: unbiased draws (recommended); ``topk``: top-k ids plus tail mass;
+    ``hybrid``: the exact top-k head plus an unbiased sample of the tail."""
     top_k: int = 64
-    """Ids stored per position in ``topk`` mode."""
+    """Ids stored per position in ``topk`` mode, and the exact head in ``hybrid`` mode."""
     samples: int = 50
-    """Draws per position in ``sample`` mode (with replacement)."""
+    """Draws per position (with replacement) in ``sample`` mode, and of the tail in ``hybrid`` mode."""
     temperature: float = 1.0
     """Teacher temperature T: targets are softmax(logits / T)."""
     shard_size: int = 256
@@ -117,12 +118,6 @@ class CacheConfig:
             _need(self.chunk_size >= 1, "chunk_size", f"must be >= 1, got {self.chunk_size}"),
             _need(1 <= self.compression_level <= 22, "compression_level", f"must be in [1, 22], got {self.compression_level}"),
         )
-
-    @property
-    def width(self) -> int:
-        """Slots per position before the vocab bound is applied."""
-        return self.top_k if self.mode == "topk" else self.samples
-
 
 @dataclass
 class CacheJob:

@@ -37,7 +37,9 @@ def log_tail(stored_logprobs: torch.Tensor) -> torch.Tensor:
 
 def student_sparse(student_logits: torch.Tensor, ids: torch.Tensor, real_vocab: int, temperature: float = 1.0):
     """Student log-probs at ``ids`` (N, W) (-inf in unused slots), its tail (N,), and its full logsumexp (N,)."""
-    logits = student_logits.float()[:, :real_vocab]
+    logits = student_logits.float()
+    if real_vocab < logits.shape[-1]:
+        logits = logits[:, :real_vocab]
     if temperature != 1.0:
         logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)

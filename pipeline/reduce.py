@@ -9,6 +9,15 @@ import numpy as np
 import torch
 
 
+def slot_width(mode: str, top_k: int, samples: int, vocab_size: int) -> int:
+    """Stored slots per position: the smallest width that provably holds every id a mode can store."""
+    if mode == "topk":
+        return top_k
+    if mode == "hybrid":
+        return top_k + min(samples, vocab_size - top_k)
+    return min(samples, vocab_size)
+
+
 def topk_targets(logits: torch.Tensor, k: int, temperature: float):
     """The k most probable ids (descending), their log-probs at T, and log of the remaining mass.
 
@@ -44,6 +53,26 @@ def sample_targets(logits: torch.Tensor, uniforms: torch.Tensor, temperature: fl
     logprobs = torch.where(counts > 0, torch.log(counts / draws), torch.full_like(counts, -torch.inf))
     tail = torch.full((n,), -torch.inf, device=logits.device)
     return ids, logprobs, tail
+
+
+def hybrid_targets(logits: torch.Tensor, k: int, uniforms: torch.Tensor, temperature: float):
+    """Exact top-k head plus an unbiased sample of the tail; returns width k + N.
+
+    The N draws come from the teacher renormalised outside the head; each
+    unique drawn id gets weight ``tail_mass * count / N``, so the expected
+    weights equal the teacher's tail probabilities and ``tail`` is -inf.
+    """
+    n, draws = uniforms.shape
+    scaled = logits if temperature == 1.0 else logits / temperature
+    head_ids, head_logprobs, tail_logprob = topk_targets(logits, k, temperature)
+    rest = torch.softmax(scaled, dim=-1).scatter(1, head_ids, 0.0)
+    cdf = rest.cumsum(dim=-1)
+    sampled = torch.searchsorted(cdf, (uniforms * cdf[:, -1:]).contiguous(), right=True).clamp_(max=logits.shape[-1] - 1)
+    ids, counts = unique_counts(sampled)
+    logprobs = torch.where(counts > 0, tail_logprob[:, None] + torch.log(counts / draws),
+                           torch.full_like(counts, -torch.inf))
+    tail = torch.full((n,), -torch.inf, device=logits.device)
+    return torch.cat([head_ids, ids], dim=1), torch.cat([head_logprobs, logprobs], dim=1), tail
 
 
 def unique_counts(draws: torch.Tensor):

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from pipeline.config_loading import load_config
-from pipeline.run_config import RunJob
+from pipeline.run_config import RunJob, round_dir
 from pipeline.run_state import read_state
 from pipeline.scoring import score_against_teacher
 from storage.atomic import atomic_write, write_text
@@ -30,7 +30,10 @@ def round_row(job: RunJob, index: int, record: dict) -> dict:
     own = score_against_teacher(final, Path(cache["teacher"]), Path(cache["dir"]))
     original = own if cache["teacher"] == job.teacher.model else score_against_teacher(
         final, Path(job.teacher.model), Path(cache["dir"]))
-    return {"round": index, "teacher": Path(cache["teacher"]).name if index > 1 else job.teacher.model,
+    teacher = cache["teacher"]
+    if index > 1 and teacher == str(round_dir(job, index - 1) / "train" / "final"):
+        teacher = f"round {index - 1} student"
+    return {"round": index, "teacher": teacher,
             "student params": _parameters(final), "cache tokens": tokens,
             "bytes/token": sum(s["bytes"] for s in manifest.shards) / tokens,
             "cache": "hit" if cache.get("hit") else "built", "KL to teacher": own["kl"],

@@ -57,6 +57,7 @@ def micro_batch_sums(model, head: LogitHead, batch: dict[str, torch.Tensor], los
     labels, kd_mask, ce_mask = labels.reshape(-1), kd_mask.reshape(-1), ce_mask.reshape(-1)
     temperature = loss.temperature or facts.cache_temperature
     need_kd = loss.kind != "ce" and loss.alpha < 1.0
+    need_ce = loss.kind == "ce" or loss.alpha > 0.0  # CE costs a full-vocabulary pass; skip it when unweighted
     teacher_flat = None
     if need_kd and teacher is not None:
         with torch.no_grad():
@@ -70,7 +71,9 @@ def micro_batch_sums(model, head: LogitHead, batch: dict[str, torch.Tensor], los
 
     def chunk_sums(h: torch.Tensor, lo: int, hi: int):
         logits = head(h)
-        ce = (cross_entropy(logits, labels[lo:hi], facts.real_vocab) * ce_mask[lo:hi]).sum()
+        ce = torch.zeros((), device=h.device)
+        if need_ce:
+            ce = (cross_entropy(logits, labels[lo:hi], facts.real_vocab) * ce_mask[lo:hi]).sum()
         if not need_kd:
             return torch.zeros((), device=h.device), ce
         if teacher_flat is not None:

@@ -18,7 +18,7 @@ def train_from_cache(job: TrainJob) -> Path:
     phases = resolve_phases(job.train, job.loss)
     for index, phase in enumerate(phases):
         retempered = phase.loss.temperature not in (None, source.temperature)
-        if source.mode == "sample" and retempered and phase.loss.kind != "ce" and not phase.loss.teacher_live:
+        if source.mode in ("sample", "hybrid") and retempered and phase.loss.kind != "ce" and not phase.loss.teacher_live:
             raise ConfigError(
                 f"loss.temperature {phase.loss.temperature} (phase {index}) differs from the temperature of sample-mode "
                 f"cache {job.cache.dir} ({source.temperature}); sampled counts cannot be re-tempered, so cache again "

@@ -109,3 +109,21 @@ def test_ids_above_65535_round_trip(tmp_path, tokenizer_dir, corpus_jsonl):
         shard = next(iter(read_all(directory).values()))
         assert shard["topk_ids"].max() > 65535
         assert_topk_parity(model_dir, shard, temperature=1.0)
+
+
+def test_hybrid_mode_reproduces_from_teacher_forward(tmp_path, llama_dir, corpus_jsonl):
+    from pipeline.reduce import hybrid_targets
+
+    args = cache_args(llama_dir, corpus_jsonl, tmp_path / "c", **{"cache.mode": "hybrid", "cache.top_k": 4,
+                                                                "cache.samples": 12})
+    directory = cache(args).directory
+    manifest = read_manifest(directory)
+    assert manifest.data["width"] == 16 and manifest.data["top_k"] == 4 and manifest.data["samples"] == 12
+    shard = read_all(directory)[manifest.shards_for("train")[0]["path"]]
+    logits = reference_logits(llama_dir, shard["input_ids"])
+    seq_len = shard["input_ids"].shape[1]
+    uniforms = torch.cat([sequence_uniforms(0, 0, i, seq_len, 12) for i in range(len(logits))])
+    ids, _, _ = hybrid_targets(logits.reshape(-1, logits.shape[-1]), 4, uniforms, 1.0)
+    assert (ids.reshape(shard["topk_ids"].shape).numpy() == shard["topk_ids"]).mean() > 0.999
+    weights = np.exp(shard["topk_logprobs"].astype(np.float64)).sum(-1)
+    np.testing.assert_allclose(weights, 1.0, atol=1e-2)

@@ -61,3 +61,20 @@ def test_sample_width_bound_by_vocab_keeps_every_draw():
     ids, logprobs, _ = sample_targets(logits, torch.rand(3, 50), 1.0, width=4)
     assert ids.shape == (3, 4)
     torch.testing.assert_close(logprobs.exp().sum(-1), torch.ones(3))
+
+
+def test_hybrid_is_exact_head_plus_unbiased_tail():
+    from pipeline.reduce import hybrid_targets
+
+    torch.manual_seed(1)
+    logits = torch.randn(1, 30) * 2
+    probs = torch.softmax(logits, -1)[0].double()
+    rows, draws = 3000, 6
+    ids, logprobs, tail = hybrid_targets(logits.expand(rows, -1), 4, torch.rand(rows, draws), 1.0)
+    head = probs.topk(4).indices
+    assert torch.equal(ids[0, :4], head) and torch.all(torch.isneginf(tail))
+    weights = torch.zeros(rows, 31, dtype=torch.float64).scatter_add_(1, ids + 1, logprobs.exp().double())[:, 1:]
+    torch.testing.assert_close(weights.sum(-1), torch.ones(rows, dtype=torch.float64), atol=1e-5, rtol=0)
+    estimate = weights.mean(0)
+    stderr = weights.std(0) / rows**0.5
+    assert torch.all((estimate - probs).abs() <= 5 * stderr + 1e-6)

@@ -1,0 +1,125 @@
+"""Storage benchmark: bytes/token, write and read speed per backend and setting, and fidelity per byte.
+
+Fidelity is the angle between the student-logit gradient of the cached KD
+loss and that of full-vocabulary forward KL, over all positions of a
+held-out batch (the measure of the Sparse Logit Sampling paper).
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.losses import dense_forward_kl, kd_loss
+from pipeline.reduce import hybrid_targets, sample_targets, sequence_uniforms, topk_targets
+from storage.formats import get_format
+from storage.manifest import shard_bytes, shard_sha256, write_json
+from storage.reader import sequential_batches
+
+
+def cached_gradient(student_logits: torch.Tensor, ids, logprobs, tail) -> torch.Tensor:
+    """d(cached forward KL with tail bucket)/d(student logits), (N, V) float32."""
+    s = student_logits.clone().requires_grad_(True)
+    labels = torch.full((s.shape[0],), -100)
+    (sparse,) = torch.autograd.grad(kd_loss(s, ids, logprobs, tail, labels).sum(), s)
+    return sparse
+
+
+def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
+    cosine = torch.nn.functional.cosine_similarity(a.reshape(1, -1).double(), b.reshape(1, -1).double()).item()
+    return math.degrees(math.acos(max(-1.0, min(1.0, cosine))))
+
+
+def targets_for(teacher_logits: torch.Tensor, setting: dict, seq_len: int):
+    """Reduce (N, V) teacher logits as a cache of ``setting`` would store them (ids, fp16-rounded log-probs, tail)."""
+    if setting["mode"] == "topk":
+        return _rounded(*topk_targets(teacher_logits, setting["k"], 1.0))
+    draws = setting.get("samples", setting["k"])
+    uniforms = torch.cat([sequence_uniforms(0, 0, i, seq_len, draws) for i in range(len(teacher_logits) // seq_len)])
+    if setting["mode"] == "hybrid":
+        return _rounded(*hybrid_targets(teacher_logits, setting["k"], uniforms, 1.0))
+    return _rounded(*sample_targets(teacher_logits, uniforms, 1.0, min(draws, teacher_logits.shape[-1])))
+
+
+def _rounded(ids, logprobs, tail):
+    """Log-probs as stored: float16."""
+    return ids, logprobs.half().float(), tail
+
+
+def _shard_arrays(input_ids: np.ndarray, ids, logprobs, tail) -> dict[str, np.ndarray]:
+    n, seq_len = input_ids.shape
+    width = ids.shape[-1]
+    return {"input_ids": input_ids.astype(np.int32), "topk_ids": ids.reshape(n, seq_len, width).numpy().astype(np.int32),
+            "topk_logprobs": logprobs.reshape(n, seq_len, width).numpy().astype(np.float16),
+            "tail_logprob": tail.reshape(n, seq_len).numpy().astype(np.float32),
+            "loss_mask": np.ones((n, seq_len), dtype=np.uint8)}
+
+
+def _write_cache(directory: Path, fmt, arrays: dict, copies: int, level: int) -> float:
+    """Write ``copies`` shards of ``arrays`` plus a minimal manifest; return the seconds spent writing shards."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    start = time.perf_counter()
+    records = []
+    for index in range(copies):
+        path = directory / f"train-{index:05d}{fmt.suffix}"
+        fmt.write(path, arrays, level)
+        records.append({"path": path.name, "split": "train", "sequences": len(arrays["input_ids"]),
+                        "tokens": int(arrays["input_ids"].size), "bytes": shard_bytes(path), "sha256": shard_sha256(path)})
+    seconds = time.perf_counter() - start
+    write_json(directory / "manifest.json", {"format": fmt.name, "shards": records})
+    return seconds
+
+
+def storage_records(teacher_logits: torch.Tensor, student_logits: torch.Tensor, input_ids: np.ndarray,
+                    settings: list[dict], scratch: Path, copies: int = 8, repeats: int = 3) -> list[dict]:
+    """One record per setting: bytes/token, write and read tokens/s (medians), unique ids and gradient angle."""
+    seq_len = input_ids.shape[1]
+    s = student_logits.clone().requires_grad_(True)
+    (full,) = torch.autograd.grad(dense_forward_kl(s, teacher_logits).sum(), s)
+    prepared = []
+    for setting in settings:
+        ids, logprobs, tail = targets_for(teacher_logits, setting, seq_len)
+        angle = angle_degrees(cached_gradient(student_logits, ids, logprobs, tail), full)
+        unique = float((ids >= 0).sum(-1).float().mean())
+        prepared.append((setting, _shard_arrays(input_ids, ids, logprobs, tail), angle, unique))
+    timings = {i: {"write": [], "read": []} for i in range(len(prepared))}
+    sizes = {}
+    for _ in range(repeats):  # interleave the settings so machine noise hits them alike
+        for i, (setting, arrays, _, _) in enumerate(prepared):
+            fmt = get_format(setting["format"])
+            directory = scratch / f"setting-{i}"
+            timings[i]["write"].append(_write_cache(directory, fmt, arrays, copies, setting["level"]))
+            start = time.perf_counter()
+            for _batch in sequential_batches(directory, "train", 64, verify=True):
+                pass
+            timings[i]["read"].append(time.perf_counter() - start)
+            sizes[i] = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and p.name != "manifest.json")
+    records = []
+    tokens = input_ids.size * copies
+    for i, (setting, _, angle, unique) in enumerate(prepared):
+        write, read = timings[i]["write"], timings[i]["read"]
+        records.append({**setting, "bytes_per_token": sizes[i] / tokens,
+                        "write_tok_per_s": tokens / statistics.median(write),
+                        "write_spread": [tokens / max(write), tokens / min(write)],
+                        "read_tok_per_s": tokens / statistics.median(read),
+                        "read_spread": [tokens / max(read), tokens / min(read)],
+                        "mean_ids": unique, "bytes_per_entry": sizes[i] / tokens / max(unique, 1e-9),
+                        "grad_angle_deg": angle})
+    shutil.rmtree(scratch, ignore_errors=True)
+    return records
+
+
+def default_settings() -> list[dict]:
+    settings = [{"format": fmt, "mode": "topk", "k": k, "level": 3} for fmt in ("arrow", "zarr") for k in (8, 32, 64, 128)]
+    settings += [{"format": fmt, "mode": "sample", "k": 50, "level": 3} for fmt in ("arrow", "zarr")]
+    settings += [{"format": "arrow", "mode": mode, "k": k, "level": level}
+                 for mode, k in (("topk", 64), ("sample", 50)) for level in (1, 9)]
+    settings += [{"format": "arrow", "mode": "hybrid", "k": 8, "samples": 24, "level": 3},
+                 {"format": "arrow", "mode": "sample", "k": 100, "level": 3}]
+    return settings

@@ -1,0 +1,23 @@
+"""`distillery bench --quick`: the benchmark runs and writes well-formed results (never a timing check)."""
+from __future__ import annotations
+
+import json
+
+from pipeline import cli
+
+SECTIONS = ("storage", "stage1", "stage2", "quality", "scaling")
+
+
+def test_quick_bench_writes_every_section(tmp_path, capsys):
+    assert cli.main(["bench", "--out", str(tmp_path), "--quick"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    for section in SECTIONS:
+        records = results[section]
+        assert isinstance(records, list) and records, section
+        assert all(isinstance(r, dict) and all(not isinstance(v, dict) for v in r.values()) for r in records)
+    assert {"bytes_per_token", "write_tok_per_s", "read_tok_per_s", "grad_angle_deg"} <= results["storage"][0].keys()
+    assert {"kd_topk_over_ce", "online_over_kd_sample"} <= results["stage2"][0].keys()
+    assert [r["data_factor"] for r in results["scaling"]] == [1, 4, 16]
+    assert {r["student"] for r in results["quality"]} >= {"ce_only", "chain_mid_to_small", "chain_direct_small"}
+    markdown = (tmp_path / "results.md").read_text()
+    assert all(f"## {title}" in markdown for title in ("Storage", "Stage 1", "Stage 2", "Quality", "Scaling"))
