@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,6 +24,18 @@ from pipeline.config import CacheJob
 from pipeline.config_loading import load_config, to_yaml
 from pipeline.teacher import load_model, resolve_device
 from storage.manifest import read_manifest
+
+
+def peak_rss_mb_of_this_process() -> float:
+    """VmHWM: the peak resident set of this process's own address space.
+
+    ``getrusage(...).ru_maxrss`` is not used: it keeps the parent's peak
+    across fork and exec, so every benchmark child would report the parent's.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: an upper bound
 
 
 def bare_forward_seconds(job: CacheJob, plan) -> float:
@@ -49,7 +62,7 @@ def measure_one(overrides: list[str]) -> dict:
     _write_shards(plan, plan.shards, resolve_device(job.device), 0)
     cache_seconds = time.perf_counter() - start
     assemble_manifest(plan.directory, plan.shards, plan.header, plan.tokenizer)
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_rss_mb = peak_rss_mb_of_this_process()
     forward_seconds = bare_forward_seconds(job, plan)
     manifest = read_manifest(plan.directory)
     tokens = sum(s["tokens"] for s in manifest.shards)

@@ -77,14 +77,15 @@ def _peak_rss_of_training(overrides: list[str]) -> dict:
     import subprocess
     import sys
 
-    script = ("import json, resource, sys\n"
+    script = ("import json, sys\n"
+              "from pipeline.bench_stage1 import peak_rss_mb_of_this_process\n"
               "from pipeline.config_loading import load_config\n"
               "from pipeline.train_config import TrainJob\n"
               "from pipeline.train_jobs import train_from_cache\n"
               "final = train_from_cache(load_config(TrainJob, None, sys.argv[1:]))\n"
               "records = [json.loads(l) for l in (final.parent / 'metrics.jsonl').read_text().splitlines()]\n"
               "wait = [r['data_wait'] for r in records if r['type'] == 'train'][-1]\n"
-              "print(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'data_wait': wait}))\n")
+              "print(json.dumps({'peak_rss_mb': peak_rss_mb_of_this_process(), 'data_wait': wait}))\n")
     done = subprocess.run([sys.executable, "-c", script, *overrides], check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -98,12 +98,18 @@ def test_chat_round_trains_on_assistant_tokens(first_run):
     assert 0.2 < batch["loss_mask"].float().mean() < 0.9
 
 
+def same_config_in(config: Path, run_dir: Path) -> Path:
+    """A copy of a run config that writes to ``run_dir``."""
+    data = yaml.safe_load(config.read_text())
+    data["run"]["dir"] = str(run_dir)
+    path = run_dir.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def test_second_experiment_reuses_caches_without_teacher_work(first_run, tmp_path, monkeypatch, capfd):
     root, config = first_run
-    data = yaml.safe_load(config.read_text())
-    data["run"]["dir"] = str(tmp_path / "again")
-    again = tmp_path / "again.yaml"
-    again.write_text(yaml.safe_dump(data))
+    again = same_config_in(config, tmp_path / "again")
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("a teacher was loaded although its cache exists")
@@ -118,10 +124,7 @@ def test_second_experiment_reuses_caches_without_teacher_work(first_run, tmp_pat
 
 def test_signal_mid_train_then_resume_gives_the_same_result(first_run, tmp_path, monkeypatch, capsys):
     root, config = first_run
-    data = yaml.safe_load(config.read_text())
-    data["run"]["dir"] = str(tmp_path / "preempted")
-    cfg = tmp_path / "preempted.yaml"
-    cfg.write_text(yaml.safe_dump(data))
+    cfg = same_config_in(config, tmp_path / "preempted")
     original = train_module.MetricsLog.write
 
     def signal_at_step_5(self, record):
