@@ -86,8 +86,17 @@ class ShardRows:
     def gather(self, samples: np.ndarray) -> dict[str, np.ndarray]:
         """Stack the rows of global ``samples`` into arrays with a leading batch axis."""
         shard_ids = np.searchsorted(self._offsets, samples, side="right") - 1
-        rows = [(self._shard(s), int(i - self._offsets[s])) for s, i in zip(shard_ids, samples)]
-        return {name: np.stack([shard[name][row] for shard, row in rows]) for name in rows[0][0]}
+        out: dict[str, np.ndarray] = {}
+        # One fancy-indexing copy per shard touched, in order of first use, instead of one per sample.
+        for shard_id in dict.fromkeys(shard_ids.tolist()):
+            where = np.flatnonzero(shard_ids == shard_id)
+            shard = self._shard(shard_id)
+            rows = samples[where] - self._offsets[shard_id]
+            for name, array in shard.items():
+                if name not in out:
+                    out[name] = np.empty((len(samples), *array.shape[1:]), dtype=array.dtype)
+                out[name][where] = array[rows]
+        return out
 
 
 def iterate_batches(rows: ShardRows, shard_sizes: list[int], batch_size: int, seed: int, shuffle_buffer: int,
