@@ -124,8 +124,8 @@ def make_plan(job: CacheJob) -> CachePlan:
     teacher = teacher_identity(job.teacher.model, job.teacher.revision, hf_config)
     data = data_identity(job.data, splits)
     tokenizer_hash = tokenizer_sha256(tokenizer)
-    print_ = _fingerprint_identity(job, teacher, tokenizer_hash, data, width)
-    fp = fingerprint(print_)
+    identity = _fingerprint_identity(job, teacher, tokenizer_hash, data, width)
+    fp = fingerprint(identity)
     directory = Path(job.cache.dir) if job.cache.dir else Path(job.cache.root) / fp
     fmt = get_format(job.cache.format)
     header = {
@@ -148,7 +148,7 @@ def make_plan(job: CacheJob) -> CachePlan:
         "compression": {"codec": "zstd", "level": job.cache.compression_level},
         "dtypes": {"input_ids": "int32", "topk_ids": "int32", "topk_logprobs": "float16",
                    "tail_logprob": "float32", "loss_mask": "uint8"},
-        "fingerprint_identity": print_,
+        "fingerprint_identity": identity,
         "config": to_dict(job),
     }
     sequences = {name: len(s.input_ids) for name, s in splits.items()}

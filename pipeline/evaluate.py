@@ -13,6 +13,24 @@ from pipeline.teacher import LogitHead, hidden_states
 ECE_BINS = 15
 
 
+class CalibrationBins:
+    """Expected calibration error of the top-1 prediction, accumulated chunk by chunk in equal-width bins."""
+
+    def __init__(self):
+        self.sums = torch.zeros(3, ECE_BINS, dtype=torch.float64)  # count, confidence sum, correct sum
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Bin (N, V) logits against (N,) labels where ``mask``; return the (N,) top-1 predictions."""
+        confidence, predicted = torch.softmax(logits, -1).max(-1)
+        which = (confidence.double() * ECE_BINS).long().clamp(max=ECE_BINS - 1)[mask].cpu()
+        for row, values in enumerate((torch.ones_like(confidence), confidence, (predicted == labels).float())):
+            self.sums[row].index_add_(0, which, values.double()[mask].cpu())
+        return predicted
+
+    def ece(self) -> float:
+        return ((self.sums[1] - self.sums[2]).abs().sum() / self.sums[0].sum().clamp(min=1)).item()
+
+
 @torch.no_grad()
 def evaluate(model, head: LogitHead, batches: Iterator[dict[str, torch.Tensor]], facts: LossFacts,
              device: torch.device, chunk_size: int, max_batches: int | None = None) -> dict[str, float]:
@@ -26,7 +44,7 @@ def evaluate(model, head: LogitHead, batches: Iterator[dict[str, torch.Tensor]],
     was_training = model.training
     model.eval()
     totals = {"kl": 0.0, "kd_tokens": 0, "top1": 0.0, "ce": 0.0, "ce_tokens": 0}
-    bins = torch.zeros(3, ECE_BINS, dtype=torch.float64)  # count, confidence sum, correct sum
+    calibration = CalibrationBins()
     for index, batch in enumerate(batches):
         if max_batches is not None and index >= max_batches:
             break
@@ -39,13 +57,7 @@ def evaluate(model, head: LogitHead, batches: Iterator[dict[str, torch.Tensor]],
             ce_m = ce_mask[lo:hi]
             totals["ce"] += (cross_entropy(logits, labels[lo:hi]) * ce_m).sum().item()
             totals["ce_tokens"] += int(ce_m.sum())
-            probs = torch.softmax(logits, -1)
-            confidence, predicted = probs.max(-1)
-            correct = (predicted == labels[lo:hi]).double()
-            which = (confidence.double() * ECE_BINS).long().clamp(max=ECE_BINS - 1)[ce_m]
-            bins[0].index_add_(0, which.cpu(), torch.ones_like(which, dtype=torch.float64).cpu())
-            bins[1].index_add_(0, which.cpu(), confidence.double()[ce_m].cpu())
-            bins[2].index_add_(0, which.cpu(), correct[ce_m].cpu())
+            predicted = calibration.add(logits, labels[lo:hi], ce_m)
             if "topk_ids" in batch:
                 width = batch["topk_ids"].shape[-1]
                 ids = batch["topk_ids"].reshape(-1, width)[lo:hi]
@@ -59,9 +71,7 @@ def evaluate(model, head: LogitHead, batches: Iterator[dict[str, torch.Tensor]],
                 totals["kd_tokens"] += int(kd_m.sum())
     model.train(was_training)
     ce = totals["ce"] / max(totals["ce_tokens"], 1)
-    count = bins[0].sum().clamp(min=1)
-    ece = ((bins[1] - bins[2]).abs().sum() / count).item()
-    result = {"ce": ce, "ppl": math.exp(min(ce, 50.0)), "ece": ece, "tokens": totals["ce_tokens"]}
+    result = {"ce": ce, "ppl": math.exp(min(ce, 50.0)), "ece": calibration.ece(), "tokens": totals["ce_tokens"]}
     if totals["kd_tokens"]:
         result.update(kl=totals["kl"] / totals["kd_tokens"], top1=totals["top1"] / totals["kd_tokens"])
     else:

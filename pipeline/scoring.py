@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.evaluate import ECE_BINS
+from pipeline.evaluate import CalibrationBins
 from pipeline.losses import cross_entropy, dense_forward_kl
 from pipeline.step import labels_and_masks
 from pipeline.teacher import LogitHead, hidden_states
@@ -32,7 +32,7 @@ def score_against_teacher(student_dir: Path, teacher_dir: Path, cache_dir: Path,
     s_head, t_head = LogitHead.of(student), LogitHead.of(teacher)
     kl = ce = agree = 0.0
     kd_tokens = ce_tokens = 0
-    bins = torch.zeros(3, ECE_BINS, dtype=torch.float64)
+    calibration = CalibrationBins()
     for index, batch in enumerate(sequential_batches(cache_dir, "eval", batch_size)):
         if max_batches is not None and index >= max_batches:
             break
@@ -44,12 +44,8 @@ def score_against_teacher(student_dir: Path, teacher_dir: Path, cache_dir: Path,
         kd_tokens += int(kd_mask.sum())
         ce += (cross_entropy(s_logits, labels) * ce_mask).sum().item()
         ce_tokens += int(ce_mask.sum())
-        confidence, predicted = torch.softmax(s_logits, -1).max(-1)
-        which = (confidence.double() * ECE_BINS).long().clamp(max=ECE_BINS - 1)[ce_mask]
-        bins[0].index_add_(0, which, torch.ones_like(which, dtype=torch.float64))
-        bins[1].index_add_(0, which, confidence.double()[ce_mask])
-        bins[2].index_add_(0, which, (predicted == labels).double()[ce_mask])
+        calibration.add(s_logits, labels, ce_mask)
     return {"kl": kl / kd_tokens, "ppl": math.exp(ce / ce_tokens), "top1": agree / kd_tokens,
-            "ece": ((bins[1] - bins[2]).abs().sum() / bins[0].sum()).item()}
+            "ece": calibration.ece()}
 
 
