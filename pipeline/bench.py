@@ -21,7 +21,7 @@ import torch
 from pipeline.bench_quality import CACHE_SETTINGS, quality_records, summarize_quality, train_and_score
 from pipeline.bench_stage1 import run_settings
 from pipeline.bench_stage2 import memory_records, step_ratios
-from pipeline.bench_storage import default_settings, storage_records
+from pipeline.bench_storage import StudentGradients, default_settings, storage_records
 from pipeline.cache import run_cache
 from pipeline.config import CacheJob
 from pipeline.config_loading import load_config
@@ -126,7 +126,7 @@ def run_bench(out: str | Path, quick: bool = False) -> Path:
     reference = train_and_score("reference_student", [f"cache.dir={caches['sample50']}", "train.resume=never",
                                                       f"train.out_dir={out / 'reference'}", *common],
                                 teacher, caches["topk8"])
-    results["storage"] = storage_records(_logits(teacher, eval_ids), _logits(Path(reference.pop("final")), eval_ids),
+    results["storage"] = storage_records(_logits(teacher, eval_ids), StudentGradients(Path(reference.pop("final")), eval_ids),
                                          eval_ids, default_settings()[: size["subset"]], out / "scratch-storage",
                                          copies=2 if quick else 8, repeats=1 if quick else 3)
     results["stage1"] = run_settings(stage1_settings(out, random_teacher, size))
@@ -186,9 +186,10 @@ def scaling_records(teacher: Path, size: dict, out: Path) -> list[dict]:
 def results_markdown(results: dict) -> str:
     sections = [
         ("Storage", "storage", ["format", "mode", "k", "level", "bytes_per_token", "mean_ids", "bytes_per_entry",
-                                "write_tok_per_s", "read_tok_per_s", "grad_angle_deg"]),
+                                "write_tok_per_s", "read_tok_per_s", "grad_angle_deg", "param_angle_deg"]),
         ("Stage 1", "stage1", ["format", "mode", "width", "chunk_size", "tokens", "cache_tok_per_s",
-                               "forward_tok_per_s", "cache_over_forward", "bytes_per_token", "peak_rss_mb"]),
+                               "forward_tok_per_s", "cache_over_forward", "cache_over_forward_spread", "end_to_end_over_forward",
+                               "bytes_per_token", "peak_rss_mb"]),
         ("Stage 2", "stage2", ["kd_topk_over_ce", "kd_sample_over_ce", "online_over_kd_sample", "ce_step_s",
                                "cache_copies", "peak_rss_mb", "data_wait"]),
         ("Quality", "quality", ["student", "seeds", "bytes_per_token", "kl", "kl_spread", "ppl", "ppl_spread", "top1",

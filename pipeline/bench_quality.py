@@ -25,6 +25,7 @@ QUALITY_SETTINGS = [
       for tail in ("bucket", "ground_truth", "renormalize")],
     ("topk64_bucket_alpha0.5", "topk64", ["loss.alpha=0.5"]),
     ("sample50", "sample50", []),
+    ("sample100", "sample100", []),
     ("hybrid8+24", "hybrid8+24", []),
     ("online_full_kd", "topk8", ["loss.teacher_live={teacher}"]),
 ]
@@ -32,6 +33,7 @@ CACHE_SETTINGS = {
     "topk8": ["cache.mode=topk", "cache.top_k=8"],
     "topk64": ["cache.mode=topk", "cache.top_k=64"],
     "sample50": ["cache.mode=sample", "cache.samples=50"],
+    "sample100": ["cache.mode=sample", "cache.samples=100"],
     "hybrid8+24": ["cache.mode=hybrid", "cache.top_k=8", "cache.samples=24"],
 }
 

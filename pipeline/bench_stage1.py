@@ -1,9 +1,11 @@
 """Stage-1 benchmark: cache throughput against a bare teacher forward, bytes/token and peak RSS.
 
-Each setting runs in a fresh subprocess so peak RSS belongs to it alone. In
-that process the cache pass runs first (its peak RSS is read right after),
-then a bare ``model(input_ids)`` forward over the very same batches, so the
-ratio compares the two side by side on a machine in the same state.
+Each setting runs in a fresh subprocess so peak RSS belongs to it alone. The
+whole cache pass runs first (every shard, the writer thread, once the
+weights are loaded) for end-to-end throughput and peak RSS. Then the ratio is measured interleaved:
+batch by batch, a bare ``model(input_ids)`` forward and the cache's
+``batch_targets`` on the same ids, alternately, so machine noise hits both
+alike; medians and min-max spreads are reported.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import argparse
 import json
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -18,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cache import _write_shards, make_plan
+from pipeline.cache import _write_shards, batch_targets, make_plan
 from pipeline.cache_dir import assemble_manifest, claim
 from pipeline.config import CacheJob
 from pipeline.config_loading import load_config, to_yaml
-from pipeline.teacher import load_model, resolve_device
+from pipeline.teacher import LogitHead, load_model, resolve_device
 from storage.manifest import read_manifest
 
 
@@ -38,41 +41,69 @@ def peak_rss_mb_of_this_process() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: an upper bound
 
 
-def bare_forward_seconds(job: CacheJob, plan) -> float:
-    """Wall time of loading the teacher and running ``model(input_ids)`` over every batch of the plan."""
-    start = time.perf_counter()
-    device = resolve_device(job.device)
-    model = load_model(job.teacher, device)
-    batch = job.cache.batch_size
+def synchronized_clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def interleaved_batch_times(plan, model, device: torch.device, max_batches: int = 24) -> dict:
+    """Per-batch seconds of a bare forward and of ``batch_targets``, alternated on the same ids.
+
+    The first two batches warm up kernels and allocators and are not counted.
+    """
+    head = LogitHead.of(model)
+    split = plan.splits["train"]
+    batch = plan.job.cache.batch_size
+    starts = list(range(0, len(split.input_ids) - batch + 1, batch))[: max_batches + 2]
+    times: dict[str, list[float]] = {"forward": [], "cache": []}
     with torch.inference_mode():
-        for split in plan.splits.values():
-            for lo in range(0, len(split.input_ids), batch):
-                model(input_ids=torch.from_numpy(split.input_ids[lo : lo + batch]).long().to(device), use_cache=False)
-    return time.perf_counter() - start
+        for index, lo in enumerate(starts):
+            ids = torch.from_numpy(split.input_ids[lo : lo + batch]).long().to(device)
+            begin = synchronized_clock(device)
+            model(input_ids=ids, use_cache=False)
+            middle = synchronized_clock(device)
+            batch_targets(model, head, plan, "train", lo, ids)
+            end = synchronized_clock(device)
+            if index >= 2:
+                times["forward"].append(middle - begin)
+                times["cache"].append(end - middle)
+    forward, cache = statistics.median(times["forward"]), statistics.median(times["cache"])
+    tokens = batch * split.input_ids.shape[1]
+    return {"batches": len(times["cache"]), "forward_tok_per_s": tokens / forward, "batch_cache_tok_per_s": tokens / cache,
+            "cache_over_forward": forward / cache,
+            "cache_over_forward_spread": [min(f / c for f, c in zip(times["forward"], times["cache"], strict=True)),
+                                          max(f / c for f, c in zip(times["forward"], times["cache"], strict=True))]}
 
 
-def measure_one(overrides: list[str]) -> dict:
-    """Run one cache setting and the bare forward in this process; return flat figures."""
+def measure_one(overrides: list[str], keep: bool = False) -> dict:
+    """Run one cache setting and the bare forward in this process; return flat figures.
+
+    The cache is deleted afterwards unless ``keep``.
+    """
     job = load_config(CacheJob, None, overrides)
     plan = make_plan(job)
     shutil.rmtree(plan.directory, ignore_errors=True)
     plan.directory.mkdir(parents=True)
     claim(plan.directory, plan.fingerprint, to_yaml(job))
+    device = resolve_device(job.device)
+    model = load_model(job.teacher, device)
     start = time.perf_counter()
-    _write_shards(plan, plan.shards, resolve_device(job.device), 0)
+    _write_shards(plan, plan.shards, device, 0, model)
     cache_seconds = time.perf_counter() - start
     assemble_manifest(plan.directory, plan.shards, plan.header, plan.tokenizer)
     peak_rss_mb = peak_rss_mb_of_this_process()
-    forward_seconds = bare_forward_seconds(job, plan)
+    interleaved = interleaved_batch_times(plan, model, device)
     manifest = read_manifest(plan.directory)
     tokens = sum(s["tokens"] for s in manifest.shards)
     size = sum(s["bytes"] for s in manifest.shards)
-    shutil.rmtree(plan.directory)
+    if not keep:
+        shutil.rmtree(plan.directory)
     return {
         "format": job.cache.format, "mode": job.cache.mode, "width": plan.width, "dtype": job.teacher.dtype,
         "chunk_size": job.cache.chunk_size, "tokens": tokens,
-        "cache_tok_per_s": tokens / cache_seconds, "forward_tok_per_s": tokens / forward_seconds,
-        "cache_over_forward": forward_seconds / cache_seconds,
+        "cache_tok_per_s": tokens / cache_seconds, **interleaved,
+        "end_to_end_over_forward": tokens / cache_seconds / interleaved["forward_tok_per_s"],
         "bytes_per_token": size / tokens, "peak_rss_mb": peak_rss_mb,
     }
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.bench_stage1 import synchronized_clock
 from pipeline.config import TeacherConfig
 from pipeline.step import LossFacts, combine, micro_batch_sums, token_counts
 from pipeline.student import build_student
@@ -22,36 +23,41 @@ from storage.manifest import read_manifest
 from storage.reader import SoftTargetStream
 
 
-def _setting(cache_dir: Path, student: dict, batch_size: int, loss: LossConfig, teacher=None):
+def _setting(cache_dir: Path, student: dict, batch_size: int, loss: LossConfig, device: torch.device, chunk_size: int,
+             teacher=None):
     from transformers import AutoTokenizer
 
     data = read_manifest(cache_dir).data
     tokenizer = AutoTokenizer.from_pretrained(str(Path(cache_dir) / data["tokenizer_dir"]))
-    model = build_student(StudentConfig(config=dict(student)), data["vocab_size"], tokenizer).train()
-    batch = next(iter(SoftTargetStream(cache_dir, batch_size, prefetch_depth=0)))
+    model = build_student(StudentConfig(config=dict(student)), data["vocab_size"], tokenizer).to(device).train()
+    batch = {name: tensor.to(device) for name, tensor in
+             next(iter(SoftTargetStream(cache_dir, batch_size, prefetch_depth=0))).items()}
     facts = LossFacts(data["tokenizer"]["length"], data["temperature"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> float:
-        start = time.perf_counter()
+        start = synchronized_clock(device)
         kd_tokens, ce_tokens = token_counts(batch).tolist()
-        kd_sum, ce_sum = micro_batch_sums(model, LogitHead.of(model), batch, loss, facts, 1024, teacher)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            kd_sum, ce_sum = micro_batch_sums(model, LogitHead.of(model), batch, loss, facts, chunk_size, teacher)
         combine(kd_sum, ce_sum, kd_tokens, ce_tokens, loss).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        return synchronized_clock(device) - start
 
     return step
 
 
 def step_ratios(topk_cache: Path, sample_cache: Path, teacher_dir: Path, student: dict, batch_size: int,
-                rounds: int = 15) -> dict:
-    teacher = load_model(TeacherConfig(model=str(teacher_dir)), torch.device("cpu"))
+                rounds: int = 15, device: torch.device = torch.device("cpu"), chunk_size: int = 1024) -> dict:
+    """Median step seconds of CE, cached top-k KD, cached sample KD and online KD, and their ratios."""
+    teacher = load_model(TeacherConfig(model=str(teacher_dir)), device)
     settings = {
-        "ce": _setting(topk_cache, student, batch_size, LossConfig(kind="ce")),
-        "kd_topk": _setting(topk_cache, student, batch_size, LossConfig()),
-        "kd_sample": _setting(sample_cache, student, batch_size, LossConfig()),
-        "kd_online": _setting(topk_cache, student, batch_size, LossConfig(teacher_live=str(teacher_dir)), teacher),
+        "ce": _setting(topk_cache, student, batch_size, LossConfig(kind="ce"), device, chunk_size),
+        "kd_topk": _setting(topk_cache, student, batch_size, LossConfig(), device, chunk_size),
+        "kd_sample": _setting(sample_cache, student, batch_size, LossConfig(), device, chunk_size),
+        "kd_online": _setting(topk_cache, student, batch_size, LossConfig(teacher_live=str(teacher_dir)), device,
+                              chunk_size, teacher),
     }
     times = {name: [] for name in settings}
     for round_index in range(rounds + 2):
@@ -60,7 +66,7 @@ def step_ratios(topk_cache: Path, sample_cache: Path, teacher_dir: Path, student
             if round_index >= 2:  # the first rounds warm up allocators and caches
                 times[name].append(seconds)
     median = {name: statistics.median(t) for name, t in times.items()}
-    record = {f"{name}_step_s": median[name] for name in settings}
+    record = {"loss_chunk": chunk_size, **{f"{name}_step_s": median[name] for name in settings}}
     record.update({f"{name}_spread_s": [min(t), max(t)] for name, t in times.items()})
     record.update(
         kd_topk_over_ce=median["kd_topk"] / median["ce"],

@@ -39,6 +39,7 @@ from pipeline.teacher import (
 from storage.formats import get_format
 from storage.manifest import FORMAT_VERSION, fingerprint
 from storage.partition import num_parts, part_index, shards_of_part
+from storage.schema import FIELDS, NARROW_PAD
 
 SPLIT_IDS = {"train": 0, "eval": 1}
 
@@ -146,8 +147,8 @@ def make_plan(job: CacheJob) -> CachePlan:
         "temperature": job.cache.temperature,
         "format": fmt.name,
         "compression": {"codec": "zstd", "level": job.cache.compression_level},
-        "dtypes": {"input_ids": "int32", "topk_ids": "int32", "topk_logprobs": "float16",
-                   "tail_logprob": "float32", "loss_mask": "uint8"},
+        "dtypes": {field.name: str(field.dtype) for field in FIELDS},
+        "id_storage": f"uint16 per shard and field when every id < {NARROW_PAD} (padding -1 as {NARROW_PAD}), else int32",
         "fingerprint_identity": identity,
         "config": to_dict(job),
     }
@@ -184,16 +185,20 @@ def batch_targets(model, head: LogitHead, plan: CachePlan, split: str, first: in
             out_tail.reshape(shape).cpu().numpy())
 
 
-def _write_shards(plan: CachePlan, todo: list[ShardPlan], device: torch.device, rank: int) -> None:
+def _write_shards(plan: CachePlan, todo: list[ShardPlan], device: torch.device, rank: int, model=None) -> None:
+    """Write the shards of ``todo``, loading the teacher unless an already loaded ``model`` is given."""
     c = plan.job.cache
-    model = load_model(plan.job.teacher, device)
+    model = model if model is not None else load_model(plan.job.teacher, device)
     head = LogitHead.of(model)
     if head.vocab_size != plan.vocab_size:
         raise TeacherError(f"the teacher's lm_head has {head.vocab_size} rows but its config says vocab_size={plan.vocab_size}")
     first = plan.splits[todo[0].split].input_ids[todo[0].start : todo[0].start + 1]
     with torch.inference_mode():
         check_logit_head(model, head, torch.from_numpy(first).long().to(device))
-    writer = BackgroundShardWriter(plan.directory, get_format(c.format), c.compression_level, plan.fingerprint)
+    # One thread cannot keep up with a GPU teacher; on a CPU teacher a second would take a core from it.
+    threads = 1 if device.type == "cpu" else min(4, os.cpu_count() or 1)
+    writer = BackgroundShardWriter(plan.directory, get_format(c.format), c.compression_level, plan.fingerprint,
+                                   depth=threads + 1, threads=threads)
     total = sum(s.count for s in todo) * plan.job.data.seq_len
     progress = tqdm(total=total, unit="tok", unit_scale=True, desc=f"teacher pass (part {rank})", file=sys.stderr)
     try:

@@ -26,12 +26,21 @@ def topk_targets(logits: torch.Tensor, k: int, temperature: float):
     """
     scaled = logits if temperature == 1.0 else logits / temperature
     values, ids = scaled.topk(k, dim=-1)
-    logprobs = values - torch.logsumexp(scaled, dim=-1, keepdim=True)
+    logprobs = values - row_logsumexp(scaled, values[:, :1])
     head = torch.logsumexp(logprobs, dim=-1).clamp(max=0.0)
     tail = torch.log(-torch.expm1(head))  # log(1 - exp(head)), -inf when the head holds all mass
     if k == logits.shape[-1]:
         tail = torch.full_like(tail, -torch.inf)  # exactly empty, not a rounding residue
     return ids, logprobs, tail
+
+
+def row_logsumexp(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """(n, V) float32 finite logits, (n, 1) their row maxima -> (n, 1) logsumexp.
+
+    Reuses the maximum that top-k already found and exponentiates in place,
+    which makes one pass over the logits fewer than ``torch.logsumexp``.
+    """
+    return row_max + (logits - row_max).exp_().sum(dim=-1, keepdim=True).log_()
 
 
 def sample_targets(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, width: int):

@@ -64,14 +64,20 @@ def discard_shard(directory: Path, plan: ShardPlan) -> None:
 
 
 class BackgroundShardWriter:
-    """Writes submitted shards on a worker thread; at most ``depth`` wait in memory."""
+    """Writes submitted shards on ``threads`` worker threads; at most ``depth`` more wait in memory.
 
-    def __init__(self, directory: Path, shard_format, level: int, fingerprint: str, depth: int = 2):
+    Shards are independent files with their own done records, so they may
+    finish in any order. Compression and hashing release the GIL, which lets
+    several threads keep up with a fast GPU teacher.
+    """
+
+    def __init__(self, directory: Path, shard_format, level: int, fingerprint: str, depth: int = 2, threads: int = 1):
         self.directory, self.format, self.level, self.fingerprint = directory, shard_format, level, fingerprint
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"shard-writer-{i}", daemon=True) for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, plan: ShardPlan, arrays: dict[str, np.ndarray]) -> None:
         self._raise_if_failed()
@@ -79,8 +85,10 @@ class BackgroundShardWriter:
 
     def close(self) -> None:
         """Wait for every submitted shard to be on disk; re-raise a writer error."""
-        self._queue.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
         self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from storage.atomic import atomic_write
-from storage.schema import FIELDS, check_arrays
+from storage.schema import FIELDS, check_arrays, from_disk, to_disk
 
 ROWS_PER_BATCH = 64
 
@@ -26,13 +26,13 @@ def _column(array: np.ndarray) -> pa.Array:
     return values
 
 
-def _to_numpy(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...], dtype) -> np.ndarray:
+def _to_numpy(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     values = column
     while pa.types.is_fixed_size_list(values.type):
         values = values.flatten()
-    return values.to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(shape)
+    return values.to_numpy(zero_copy_only=False).reshape(shape)
 
 
 class ArrowFormat:
@@ -41,7 +41,7 @@ class ArrowFormat:
 
     def write(self, path: Path, arrays: dict[str, np.ndarray], level: int) -> None:
         n, _, _ = check_arrays(arrays)
-        columns = {f.name: _column(arrays[f.name]) for f in FIELDS}
+        columns = {f.name: _column(to_disk(f.name, arrays[f.name])) for f in FIELDS}
         table = pa.table(columns)
         options = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=level))
         with atomic_write(path) as tmp:
@@ -58,5 +58,5 @@ class ArrowFormat:
         out = {}
         for field in FIELDS:
             shape = (n, seq_len, width) if field.per_slot else (n, seq_len)
-            out[field.name] = _to_numpy(table.column(field.name), shape, field.dtype)
+            out[field.name] = from_disk(field.name, _to_numpy(table.column(field.name), shape))
         return out

@@ -15,7 +15,7 @@ from pathlib import Path
 from storage.atomic import write_text
 from storage.errors import CacheNotFoundError, ChecksumError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: token ids stored as uint16 when they fit
 MANIFEST_NAME = "manifest.json"
 DONE_SUFFIX = ".done.json"
 _BLOCK = 1 << 22

@@ -12,7 +12,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from storage.atomic import atomic_write
-from storage.schema import FIELDS, check_arrays
+from storage.schema import FIELDS, check_arrays, from_disk, to_disk
 
 SEQUENCES_PER_CHUNK = 64
 
@@ -28,7 +28,7 @@ class ZarrFormat:
             group = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)
             group.attrs["distillery_shard"] = 1
             for field in FIELDS:
-                data = arrays[field.name]
+                data = to_disk(field.name, arrays[field.name])
                 target = group.create_array(
                     field.name,
                     shape=data.shape,
@@ -41,4 +41,4 @@ class ZarrFormat:
 
     def read(self, path: Path) -> dict[str, np.ndarray]:
         group = zarr.open_group(store=str(path), mode="r")
-        return {f.name: np.asarray(group[f.name][...], dtype=f.dtype) for f in FIELDS}
+        return {f.name: from_disk(f.name, np.asarray(group[f.name][...])) for f in FIELDS}

@@ -95,6 +95,7 @@ def test_shards_read_with_plain_pyarrow_and_zarr(tmp_path, llama_dir, corpus_jso
     assert table.num_rows == first["sequences"]
     group = zarr.open_group(str(z / read_manifest(z).shards[0]["path"]), mode="r")
     assert group["topk_ids"].shape == (first["sequences"], 64, 8)
+    assert group["topk_ids"].dtype == np.uint16  # a 512-entry vocabulary fits; see storage/schema.py
     ids_arrow = np.array(table.column("topk_ids").to_pylist(), dtype=np.int32)
     np.testing.assert_array_equal(ids_arrow, group["topk_ids"][...])
 

@@ -11,14 +11,14 @@ from storage.manifest import shard_sha256
 from storage.partition import num_parts, part_index, shards_of_part
 
 
-def make_arrays(n=5, seq_len=7, width=3, seed=0) -> dict[str, np.ndarray]:
+def make_arrays(n=5, seq_len=7, width=3, seed=0, vocab=300_000) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     logprobs = rng.normal(-3, 1, (n, seq_len, width)).astype(np.float16)
     logprobs[0, 0, -1] = -np.inf
-    ids = rng.integers(0, 300_000, (n, seq_len, width), dtype=np.int32)
+    ids = rng.integers(0, vocab, (n, seq_len, width), dtype=np.int32)
     ids[0, 0, -1] = -1
     return {
-        "input_ids": rng.integers(0, 300_000, (n, seq_len), dtype=np.int32),
+        "input_ids": rng.integers(0, vocab, (n, seq_len), dtype=np.int32),
         "topk_ids": ids,
         "topk_logprobs": logprobs,
         "tail_logprob": np.log(rng.uniform(0, 1, (n, seq_len))).astype(np.float32),
@@ -26,10 +26,12 @@ def make_arrays(n=5, seq_len=7, width=3, seed=0) -> dict[str, np.ndarray]:
     }
 
 
+@pytest.mark.parametrize("vocab", [300_000, 65_535])
 @pytest.mark.parametrize("name", sorted(FORMATS))
-def test_round_trip_is_exact(tmp_path, name):
+def test_round_trip_is_exact(tmp_path, name, vocab):
     fmt = get_format(name)
-    arrays = make_arrays()
+    arrays = make_arrays(vocab=vocab)
+    arrays["topk_ids"][1, 1, 1] = vocab - 1
     path = tmp_path / f"s{fmt.suffix}"
     fmt.write(path, arrays, level=3)
     back = fmt.read(path)
@@ -38,6 +40,25 @@ def test_round_trip_is_exact(tmp_path, name):
         assert back[key].dtype == value.dtype
         np.testing.assert_array_equal(back[key], value)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporaries left
+
+
+def test_ids_below_65535_are_stored_as_uint16_with_padding_65535(tmp_path):
+    import pyarrow.ipc as ipc
+    import zarr
+
+    arrays = make_arrays(vocab=65_535)
+    get_format("arrow").write(tmp_path / "s.arrow", arrays, level=3)
+    get_format("zarr").write(tmp_path / "s.zarr", arrays, level=3)
+    table = ipc.open_file(str(tmp_path / "s.arrow")).read_all()
+    stored = np.array(table.column("topk_ids").to_pylist())
+    assert str(table.schema.field("input_ids").type.value_type) == "uint16"
+    assert stored[0, 0, -1] == 65535 and stored.max() == 65535
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert group["topk_ids"].dtype == np.uint16 and group["input_ids"].dtype == np.uint16
+    np.testing.assert_array_equal(group["topk_ids"][...], stored)
+    wide = make_arrays(vocab=300_000)
+    get_format("zarr").write(tmp_path / "w.zarr", wide, level=3)
+    assert zarr.open_group(str(tmp_path / "w.zarr"), mode="r")["topk_ids"].dtype == np.int32
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
@@ -94,3 +115,18 @@ def test_partition_rejects_out_of_range_indices():
         part_index(2, 2, 0, 1)
     with pytest.raises(ValueError, match="rank 1"):
         part_index(0, 1, 1, 1)
+
+
+def test_threaded_writer_writes_the_same_shards_as_one_thread(tmp_path):
+    from pipeline.shard_writer import BackgroundShardWriter, ShardPlan
+
+    hashes = []
+    for threads in (1, 3):
+        directory = tmp_path / f"t{threads}"
+        directory.mkdir()
+        writer = BackgroundShardWriter(directory, get_format("arrow"), 3, "fp", depth=threads + 1, threads=threads)
+        for index in range(7):
+            writer.submit(ShardPlan("train", index, index * 5, 5, ".arrow"), make_arrays(seed=index))
+        writer.close()
+        hashes.append({p.name: shard_sha256(p) for p in directory.iterdir()})
+    assert len(hashes[0]) == 14 and hashes[0] == hashes[1]
