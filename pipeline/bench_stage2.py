@@ -8,7 +8,6 @@ measured separately as the fraction of a real training loop spent waiting.
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +20,8 @@ from pipeline.teacher import LogitHead, load_model
 from pipeline.train_config import LossConfig, StudentConfig
 from storage.manifest import read_manifest
 from storage.reader import SoftTargetStream
+
+CPU = torch.device("cpu")
 
 
 def _setting(cache_dir: Path, student: dict, batch_size: int, loss: LossConfig, device: torch.device, chunk_size: int,
@@ -49,7 +50,7 @@ def _setting(cache_dir: Path, student: dict, batch_size: int, loss: LossConfig, 
 
 
 def step_ratios(topk_cache: Path, sample_cache: Path, teacher_dir: Path, student: dict, batch_size: int,
-                rounds: int = 15, device: torch.device = torch.device("cpu"), chunk_size: int = 1024) -> dict:
+                rounds: int = 15, device: torch.device = CPU, chunk_size: int = 1024) -> dict:
     """Median step seconds of CE, cached top-k KD, cached sample KD and online KD, and their ratios."""
     teacher = load_model(TeacherConfig(model=str(teacher_dir)), device)
     settings = {
