@@ -191,7 +191,7 @@ def results_markdown(results: dict) -> str:
                                "forward_tok_per_s", "cache_over_forward", "cache_over_forward_spread", "end_to_end_over_forward",
                                "bytes_per_token", "peak_rss_mb"]),
         ("Stage 2", "stage2", ["kd_topk_over_ce", "kd_sample_over_ce", "online_over_kd_sample", "ce_step_s",
-                               "cache_copies", "peak_rss_mb", "data_wait"]),
+                               "cache_copies", "peak_rss_mb", "data_wait", "startup_wait_s"]),
         ("Quality", "quality", ["student", "seeds", "bytes_per_token", "kl", "kl_spread", "ppl", "ppl_spread", "top1",
                                 "ece"]),
         ("Scaling", "scaling", ["data_factor", "tokens", "stage1_us_per_token", "stage2_tokens", "stage2_us_per_token"]),

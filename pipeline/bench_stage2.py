@@ -91,8 +91,9 @@ def _peak_rss_of_training(overrides: list[str]) -> dict:
               "from pipeline.train_jobs import train_from_cache\n"
               "final = train_from_cache(load_config(TrainJob, None, sys.argv[1:]))\n"
               "records = [json.loads(l) for l in (final.parent / 'metrics.jsonl').read_text().splitlines()]\n"
-              "wait = [r['data_wait'] for r in records if r['type'] == 'train'][-1]\n"
-              "print(json.dumps({'peak_rss_mb': peak_rss_mb_of_this_process(), 'data_wait': wait}))\n")
+              "last = [r for r in records if r['type'] == 'train'][-1]\n"
+              "print(json.dumps({'peak_rss_mb': peak_rss_mb_of_this_process(), 'data_wait': last['data_wait'],\n"
+              "                  'startup_wait_s': last['startup_wait_s']}))\n")
     done = subprocess.run([sys.executable, "-c", script, *overrides], check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 

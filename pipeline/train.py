@@ -130,6 +130,9 @@ def run_training(source: BatchSource, student_cfg: StudentConfig, train: TrainCo
     consumed = 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     progress = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr, disable=rank != 0)
+    # The first fetch opens, verifies and decodes a shard before prefetching can start: a fixed start-up
+    # cost, logged apart from the steady-state fraction of step time spent waiting for data.
+    startup_wait = None
     waited = busy = 0.0
     while step < total:
         phase_index, phase = phase_at(step, phases)
@@ -158,12 +161,16 @@ def run_training(source: BatchSource, student_cfg: StudentConfig, train: TrainCo
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens += sum(b["input_ids"].numel() for b in micro) * world
-        waited, busy = waited + fetched - began, busy + time.perf_counter() - began
+        if startup_wait is None:
+            startup_wait = fetched - began
+        else:
+            waited, busy = waited + fetched - began, busy + time.perf_counter() - began
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}")
         if step % train.log_every == 0 or step == total:
             metrics.write({"type": "train", "step": step, "phase": phase_index, "loss": step_loss,
-                           "lr": lr, "tokens": tokens, "data_wait": waited / max(busy, 1e-9)})
+                           "lr": lr, "tokens": tokens, "data_wait": waited / max(busy, 1e-9),
+                           "startup_wait_s": startup_wait})
         if source.eval_batches and rank == 0 and ((train.eval_every and step % train.eval_every == 0) or step == total):
             result = evaluate(model, head, source.eval_batches(), facts, device, train.chunk_size, train.eval_batches)
             metrics.write({"type": "eval", "step": step, "phase": phase_index, **result})

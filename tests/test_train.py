@@ -44,6 +44,8 @@ def test_outputs_resume_bitwise_and_final_generates(tmp_path, topk_cache, monkey
     evals = records(tmp_path / "whole", "eval")
     assert [r["step"] for r in evals] == [6, 12]
     assert all({"step", "kl", "ppl", "top1", "ece"} <= r.keys() for r in evals)
+    trains = records(tmp_path / "whole", "train")
+    assert all(0.0 <= r["data_wait"] < 1.0 and r["startup_wait_s"] > 0.0 for r in trains)
 
     original = train_module.MetricsLog.write
 
