@@ -35,12 +35,13 @@ from storage.reader import sequential_batches
 STUDENT = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
            "num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": False}
 SMALL = {**STUDENT, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 1}
-FULL = {"vocab": 8192, "hidden": 384, "layers": 6, "heads": 6, "stage1_tokens": 300_000, "seq_len": 512,
-        "quality_tokens": 200_000, "quality_seq": 128, "steps": 80, "batch": 8, "seeds": 2,
+FULL = {"vocab": 8192, "hidden": 384, "layers": 6, "heads": 6, "stage1_tokens": 200_000, "seq_len": 512,
+        "quality_tokens": 200_000, "quality_seq": 128, "steps": 80, "batch": 8, "seeds": 2, "key_seeds": 3,
         "scaling_tokens": 16_384, "students": (STUDENT, SMALL), "demo_teacher": Path("runs/demo/teacher/final"),
         "subset": None}
 QUICK = {"vocab": 512, "hidden": 32, "layers": 1, "heads": 2, "stage1_tokens": 4096, "seq_len": 64,
-         "quality_tokens": 4096, "quality_seq": 32, "steps": 3, "batch": 4, "seeds": 1, "scaling_tokens": 1024,
+         "quality_tokens": 4096, "quality_seq": 32, "steps": 3, "batch": 4, "seeds": 1, "key_seeds": 1,
+         "scaling_tokens": 1024,
          "students": ({**SMALL, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
                        "num_key_value_heads": 2},) * 2, "demo_teacher": None, "subset": 3}
 
@@ -133,7 +134,8 @@ def run_bench(out: str | Path, quick: bool = False) -> Path:
     ratios = step_ratios(caches["topk64"], caches["sample50"], teacher, size["students"][0], size["batch"],
                          rounds=2 if quick else 15)
     results["stage2"] = [ratios, *memory_records(caches["sample50"], common, out)]
-    quality = quality_records(teacher, caches, common, out / "quality", size["seeds"], size["subset"])
+    quality = quality_records(teacher, caches, common, out / "quality", size["seeds"], size["key_seeds"],
+                              size["subset"])
     results["quality_runs"] = [{k: v for k, v in r.items() if k != "final"} for r in quality]
     results["quality"] = summarize_quality(quality) + chain_records(teacher, caches, size, out)
     results["scaling"] = scaling_records(teacher, size, out)
@@ -189,10 +191,11 @@ def results_markdown(results: dict) -> str:
                                 "write_tok_per_s", "read_tok_per_s", "grad_angle_deg", "param_angle_deg"]),
         ("Stage 1", "stage1", ["format", "mode", "width", "chunk_size", "tokens", "cache_tok_per_s",
                                "forward_tok_per_s", "cache_over_forward", "cache_over_forward_spread", "end_to_end_over_forward",
-                               "bytes_per_token", "peak_rss_mb"]),
+                               "teacher_s", "other_s", "final_flush_s", "bytes_per_token", "peak_rss_mb"]),
         ("Stage 2", "stage2", ["kd_topk_over_ce", "kd_sample_over_ce", "online_over_kd_sample", "ce_step_s",
                                "cache_copies", "peak_rss_mb", "data_wait", "startup_wait_s"]),
-        ("Quality", "quality", ["student", "seeds", "bytes_per_token", "kl", "kl_spread", "ppl", "ppl_spread", "top1",
+        ("Quality", "quality", ["student", "seeds", "bytes_per_token", "kl", "kl_spread", "kl_over_online",
+                                "kl_over_online_spread", "ppl", "ppl_spread", "top1",
                                 "ece"]),
         ("Scaling", "scaling", ["data_factor", "tokens", "stage1_us_per_token", "stage2_tokens", "stage2_us_per_token"]),
     ]

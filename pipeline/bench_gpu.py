@@ -114,7 +114,8 @@ def markdown(results: dict) -> str:
     stage1 = markdown_table(results["stage1"], ["mode", "tokens", "forward_tok_per_s", "batch_cache_tok_per_s",
                                                 "cache_over_forward", "cache_over_forward_spread", "cache_tok_per_s",
                                                 "end_to_end_over_forward", "forward_fraction_of_peak",
-                                                "batch_cache_fraction_of_peak", "bytes_per_token"])
+                                                "batch_cache_fraction_of_peak", "bytes_per_token", "teacher_s",
+                                                "writer_wait_s", "final_flush_s", "other_s"])
     stage2 = markdown_table(results["stage2"], ["loss_chunk", "kd_topk_over_ce", "kd_sample_over_ce", "online_over_kd_sample",
                                                 "online_over_kd_topk", "ce_step_s"])
     return f"{head}\n## Stage 1\n\n{stage1}\n\n## Stage 2\n\n{stage2}\n"

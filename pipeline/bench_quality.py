@@ -29,6 +29,8 @@ QUALITY_SETTINGS = [
     ("hybrid8+24", "hybrid8+24", []),
     ("online_full_kd", "topk8", ["loss.teacher_live={teacher}"]),
 ]
+# The comparisons the targets are about (sampled caches against online KD and CE) get extra seeds.
+KEY_SETTINGS = ("ce_only", "sample50", "sample100", "hybrid8+24", "online_full_kd")
 CACHE_SETTINGS = {
     "topk8": ["cache.mode=topk", "cache.top_k=8"],
     "topk64": ["cache.mode=topk", "cache.top_k=64"],
@@ -39,11 +41,17 @@ CACHE_SETTINGS = {
 
 
 def quality_records(teacher: Path, caches: dict[str, Path], common: list[str], out: Path, seeds: int,
-                    subset: int | None = None) -> list[dict]:
-    """The QUALITY_SETTINGS (the first ``subset``) for ``seeds`` seeds, scored against the live teacher."""
+                    key_seeds: int, subset: int | None = None) -> list[dict]:
+    """The QUALITY_SETTINGS (the first ``subset``) for ``seeds`` seeds, KEY_SETTINGS for ``key_seeds``.
+
+    A seed fixes the student's initialisation and its data order, so runs of
+    different settings with the same seed are paired.
+    """
     records = []
-    for seed in range(seeds):
+    for seed in range(max(seeds, key_seeds)):
         for name, cache_name, extra in QUALITY_SETTINGS[:subset]:
+            if seed >= (key_seeds if name in KEY_SETTINGS else seeds):
+                continue
             overrides = [f"cache.dir={caches[cache_name]}", f"train.seed={seed}", f"student.seed={seed}",
                          f"train.out_dir={out / f'{name}-seed{seed}'}", "train.resume=never",
                          *common, *(e.format(teacher=teacher) for e in extra)]
@@ -59,8 +67,14 @@ def _bytes_per_token(cache_dir: Path) -> float:
     return sum(s["bytes"] for s in shards) / sum(s["tokens"] for s in shards)
 
 
-def summarize_quality(records: list[dict]) -> list[dict]:
-    """Per setting: the mean over seeds and the min-max spread of each metric."""
+def summarize_quality(records: list[dict], reference: str = "online_full_kd") -> list[dict]:
+    """Per setting: the mean over seeds and the min-max spread of each metric.
+
+    ``kl_over_online`` is the mean over seeds of KL / the ``reference`` run's KL
+    with the same seed: the paired comparison, which cancels the seed's share
+    of the noise.
+    """
+    reference_kl = {r["seed"]: r["kl"] for r in records if r["student"] == reference}
     rows = []
     for name in dict.fromkeys(r["student"] for r in records):
         group = [r for r in records if r["student"] == name]
@@ -69,5 +83,9 @@ def summarize_quality(records: list[dict]) -> list[dict]:
             values = [r[metric] for r in group]
             row[metric] = sum(values) / len(values)
             row[f"{metric}_spread"] = max(values) - min(values)
+        paired = [r["kl"] / reference_kl[r["seed"]] for r in group if r["seed"] in reference_kl]
+        if paired:
+            row["kl_over_online"] = sum(paired) / len(paired)
+            row["kl_over_online_spread"] = [min(paired), max(paired)]
         rows.append(row)
     return rows

@@ -47,6 +47,14 @@ def synchronized_clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def _warm_up(plan, model, device: torch.device) -> None:
+    """Run one batch both ways, so lazy CUDA and kernel initialisation is not charged to the first timed pass."""
+    ids = torch.from_numpy(plan.splits["train"].input_ids[: plan.job.cache.batch_size]).long().to(device)
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=False)
+        batch_targets(model, LogitHead.of(model), plan, "train", 0, ids)
+
+
 def interleaved_batch_times(plan, model, device: torch.device, max_batches: int = 24) -> dict:
     """Per-batch seconds of a bare forward and of ``batch_targets``, alternated on the same ids.
 
@@ -88,8 +96,9 @@ def measure_one(overrides: list[str], keep: bool = False) -> dict:
     claim(plan.directory, plan.fingerprint, to_yaml(job))
     device = resolve_device(job.device)
     model = load_model(job.teacher, device)
+    _warm_up(plan, model, device)
     start = time.perf_counter()
-    _write_shards(plan, plan.shards, device, 0, model)
+    times = _write_shards(plan, plan.shards, device, 0, model)
     cache_seconds = time.perf_counter() - start
     assemble_manifest(plan.directory, plan.shards, plan.header, plan.tokenizer)
     peak_rss_mb = peak_rss_mb_of_this_process()
@@ -104,6 +113,8 @@ def measure_one(overrides: list[str], keep: bool = False) -> dict:
         "chunk_size": job.cache.chunk_size, "tokens": tokens,
         "cache_tok_per_s": tokens / cache_seconds, **interleaved,
         "end_to_end_over_forward": tokens / cache_seconds / interleaved["forward_tok_per_s"],
+        "teacher_s": times.teacher, "writer_wait_s": times.writer_wait, "final_flush_s": times.final_flush,
+        "other_s": cache_seconds - times.teacher - times.writer_wait - times.final_flush,
         "bytes_per_token": size / tokens, "peak_rss_mb": peak_rss_mb,
     }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,7 +186,19 @@ def batch_targets(model, head: LogitHead, plan: CachePlan, split: str, first: in
             out_tail.reshape(shape).cpu().numpy())
 
 
-def _write_shards(plan: CachePlan, todo: list[ShardPlan], device: torch.device, rank: int, model=None) -> None:
+@dataclass
+class PassTimes:
+    """Where the wall time of a teacher pass went, in seconds."""
+
+    teacher: float = 0.0
+    """Teacher forward, reduction and copy of the targets to the host."""
+    writer_wait: float = 0.0
+    """Blocked handing a shard to the writer, whose queue was full."""
+    final_flush: float = 0.0
+    """Waiting for the last shards to reach disk after the teacher finished."""
+
+
+def _write_shards(plan: CachePlan, todo: list[ShardPlan], device: torch.device, rank: int, model=None) -> PassTimes:
     """Write the shards of ``todo``, loading the teacher unless an already loaded ``model`` is given."""
     c = plan.job.cache
     model = model if model is not None else load_model(plan.job.teacher, device)
@@ -201,6 +214,7 @@ def _write_shards(plan: CachePlan, todo: list[ShardPlan], device: torch.device, 
                                    depth=threads + 1, threads=threads)
     total = sum(s.count for s in todo) * plan.job.data.seq_len
     progress = tqdm(total=total, unit="tok", unit_scale=True, desc=f"teacher pass (part {rank})", file=sys.stderr)
+    times = PassTimes()
     try:
         for shard in todo:
             split = plan.splits[shard.split]
@@ -213,16 +227,23 @@ def _write_shards(plan: CachePlan, todo: list[ShardPlan], device: torch.device, 
                 if preempt.requested():  # the shard in flight is dropped; written shards are flushed below
                     raise preempt.Preempted(f"stopped before shard {shard.name}; rerun the command to resume")
                 hi = min(lo + c.batch_size, shard.start + shard.count)
+                began = time.perf_counter()
                 ids = torch.from_numpy(split.input_ids[lo:hi]).long().to(device)
                 with torch.inference_mode():
                     parts.append(batch_targets(model, head, plan, shard.split, lo, ids))
+                times.teacher += time.perf_counter() - began
                 progress.update(ids.numel())
             for name, index in (("topk_ids", 0), ("topk_logprobs", 1), ("tail_logprob", 2)):
                 arrays[name] = np.concatenate([p[index] for p in parts])
+            began = time.perf_counter()
             writer.submit(shard, arrays)
+            times.writer_wait += time.perf_counter() - began
     finally:
         progress.close()
+        began = time.perf_counter()
         writer.close()
+        times.final_flush = time.perf_counter() - began
+    return times
 
 
 def run_cache(job: CacheJob, num_tasks: int = 1, task_index: int = 0, finalize_only: bool = False) -> CacheResult:
@@ -246,7 +267,9 @@ def run_cache(job: CacheJob, num_tasks: int = 1, task_index: int = 0, finalize_o
         log(f"part {part}/{parts}: {len(mine)} shards, {len(mine) - len(todo)} already complete, {len(todo)} to write")
         if todo:
             local_rank = int(os.environ.get("LOCAL_RANK", 0))
-            _write_shards(plan, todo, resolve_device(job.device, local_rank), part)
+            times = _write_shards(plan, todo, resolve_device(job.device, local_rank), part)
+            log(f"part {part}: teacher {times.teacher:.1f} s, blocked on the shard writer {times.writer_wait:.1f} s, "
+                f"final flush {times.final_flush:.1f} s")
         written = len(todo)
     missing = missing_shards(directory, plan.shards)
     if missing:

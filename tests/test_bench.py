@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pipeline import cli
 
 SECTIONS = ("storage", "stage1", "stage2", "quality", "scaling")
@@ -22,3 +24,18 @@ def test_quick_bench_writes_every_section(tmp_path, capsys):
     assert {r["student"] for r in results["quality"]} >= {"ce_only", "chain_mid_to_small", "chain_direct_small"}
     markdown = (tmp_path / "results.md").read_text()
     assert all(f"## {title}" in markdown for title in ("Storage", "Stage 1", "Stage 2", "Quality", "Scaling"))
+
+
+def test_quality_summary_pairs_runs_by_seed():
+    from pipeline.bench_quality import summarize_quality
+
+    def run(student, seed, kl):
+        return {"student": student, "seed": seed, "kl": kl, "ppl": 1.0, "top1": 0.5, "ece": 0.0,
+                "cache_bytes_per_token": 10.0}
+
+    rows = summarize_quality([run("online_full_kd", 0, 0.2), run("online_full_kd", 1, 0.4),
+                              run("sample50", 0, 0.22), run("sample50", 1, 0.4)])
+    sample = next(r for r in rows if r["student"] == "sample50")
+    assert sample["kl"] == pytest.approx(0.31) and sample["kl_spread"] == pytest.approx(0.18)
+    assert sample["kl_over_online"] == pytest.approx(1.05)
+    assert sample["kl_over_online_spread"] == pytest.approx([1.0, 1.1])
