@@ -94,7 +94,7 @@ def run(out: Path, quick: bool) -> dict:
         record = measure_one([f"teacher.model={teacher}", "teacher.dtype=bf16", f"data.path={CORPUS}",
                               f"data.seq_len={size['seq_len']}", f"data.max_tokens={size['tokens']}",
                               "data.holdout_fraction=0.01", f"cache.dir={cache_dir}", f"cache.batch_size={size['batch']}",
-                              f"cache.chunk_size={size['chunk']}", "cache.format=arrow", "device=auto", *mode], keep=True)
+                              f"cache.chunk_size={size['chunk']}", "cache.shard_size=64", "cache.format=arrow", "device=auto", *mode], keep=True)
         for key in ("forward", "batch_cache", "cache"):
             tflops = record[f"{key}_tok_per_s"] * flops / 1e12
             record[f"{key}_tflops"] = tflops
@@ -113,7 +113,7 @@ def markdown(results: dict) -> str:
             f"Teacher: random-init Llama, {results['teacher_params'] / 1e9:.2f}B parameters, bf16.\n")
     stage1 = markdown_table(results["stage1"], ["mode", "tokens", "forward_tok_per_s", "batch_cache_tok_per_s",
                                                 "cache_over_forward", "cache_over_forward_spread", "cache_tok_per_s",
-                                                "end_to_end_over_forward", "forward_fraction_of_peak",
+                                                "end_to_end_over_forward", "end_to_end_spread", "forward_fraction_of_peak",
                                                 "batch_cache_fraction_of_peak", "bytes_per_token", "teacher_s",
                                                 "writer_wait_s", "final_flush_s", "other_s"])
     stage2 = markdown_table(results["stage2"], ["loss_chunk", "kd_topk_over_ce", "kd_sample_over_ce", "online_over_kd_sample",
