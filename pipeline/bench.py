@@ -16,18 +16,16 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline.bench_quality import CACHE_SETTINGS, quality_records, summarize_quality, train_and_score
 from pipeline.bench_stage1 import run_settings
 from pipeline.bench_stage2 import memory_records, step_ratios
-from pipeline.bench_storage import StudentGradients, default_settings, storage_records
+from pipeline.bench_storage import StudentGradients, default_settings, model_logits, storage_records
 from pipeline.cache import run_cache
 from pipeline.config import CacheJob
 from pipeline.config_loading import load_config
 from pipeline.models import build_model
-from pipeline.teacher import LogitHead, hidden_states
 from pipeline.tokenizer import CORPUS, build_tokenizer
 from storage.atomic import write_text
 from storage.manifest import read_manifest
@@ -92,15 +90,6 @@ def _cache(teacher: Path, out: Path, size: dict, extra: list[str], max_tokens: i
     return run_cache(load_config(CacheJob, None, overrides)).directory
 
 
-def _logits(model_dir: Path, input_ids: np.ndarray) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    with torch.no_grad():
-        hidden = hidden_states(model, torch.from_numpy(input_ids).long())
-        return LogitHead.of(model)(hidden.reshape(-1, hidden.shape[-1]))
-
-
 def _train_common(size: dict, student: dict) -> list[str]:
     return [f"student.config={json.dumps(student)}", f"train.steps={size['steps']}", f"train.batch_size={size['batch']}",
             "train.lr=0.003", "train.warmup_steps=5", "train.eval_every=0", "train.eval_batches=4",
@@ -129,7 +118,7 @@ def run_bench(out: str | Path, quick: bool = False) -> Path:
     reference = train_and_score("reference_student", [f"cache.dir={caches['sample50']}", "train.resume=never",
                                                       f"train.out_dir={out / 'reference'}", *common],
                                 teacher, caches["topk8"])
-    results["storage"] = storage_records(_logits(teacher, eval_ids), StudentGradients(Path(reference.pop("final")), eval_ids),
+    results["storage"] = storage_records(model_logits(teacher, eval_ids)[1], StudentGradients(Path(reference.pop("final")), eval_ids),
                                          eval_ids, default_settings()[: size["subset"]], out / "scratch-storage",
                                          copies=2 if quick else 8, repeats=1 if quick else 3)
     results["stage1"] = run_settings(stage1_settings(out, random_teacher, size))

@@ -83,11 +83,11 @@ def run(out: Path, quick: bool) -> dict:
     teacher = out / "teacher"
     started = time.perf_counter()
     params = build_teacher(tokenizer, teacher, size["teacher"], device)
-    results: dict = {"device": chip_peak_tflops()[0], "torch": torch.__version__, "teacher_params": params,
+    chip, peak = chip_peak_tflops()
+    results: dict = {"device": chip, "torch": torch.__version__, "teacher_params": params,
                      "teacher_build_s": time.perf_counter() - started, "stage1": [], "stage2": []}
     print(json.dumps(results), file=sys.stderr, flush=True)
     flops = forward_flops_per_token(size["teacher"], size["seq_len"])
-    peak = chip_peak_tflops()[1]
     caches = {}
     for mode in (["cache.mode=topk", "cache.top_k=64"], ["cache.mode=sample", "cache.samples=50"]):
         cache_dir = out / f"cache-{mode[0].split('=')[1]}"

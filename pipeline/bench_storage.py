@@ -20,6 +20,7 @@ import torch
 
 from pipeline.losses import dense_forward_kl, kd_loss
 from pipeline.reduce import hybrid_targets, sample_targets, sequence_uniforms, topk_targets
+from pipeline.teacher import LogitHead, hidden_states
 from storage.formats import get_format
 from storage.manifest import shard_bytes, shard_sha256, write_json
 from storage.reader import sequential_batches
@@ -79,17 +80,21 @@ def _write_cache(directory: Path, fmt, arrays: dict, copies: int, level: int) ->
     return seconds
 
 
+def model_logits(model_dir: Path, input_ids: np.ndarray, keep_graph: bool = False):
+    """Load a causal LM in fp32; return it and its (N, V) float32 logits on (B, T) ``input_ids``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.set_grad_enabled(keep_graph):
+        hidden = hidden_states(model, torch.from_numpy(input_ids).long())
+        return model, LogitHead.of(model)(hidden.reshape(-1, hidden.shape[-1]))
+
+
 class StudentGradients:
     """A student's logits on fixed ids, and the parameter gradient that a logit gradient induces."""
 
     def __init__(self, model_dir: Path, input_ids: np.ndarray):
-        from transformers import AutoModelForCausalLM
-
-        from pipeline.teacher import LogitHead, hidden_states
-
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-        hidden = hidden_states(model, torch.from_numpy(input_ids).long())
-        self._logits = LogitHead.of(model)(hidden.reshape(-1, hidden.shape[-1]))
+        model, self._logits = model_logits(model_dir, input_ids, keep_graph=True)
         self._parameters = [p for p in model.parameters() if p.requires_grad]
         self.logits = self._logits.detach()
 
