@@ -7,7 +7,7 @@ DEMO := runs/demo
 # on CPU machines. On a GPU machine the same pin installs the CUDA wheel.
 TORCH := torch==2.13.0
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo demo-teacher bench lint clean
 
 install: $(VENV)/.installed
 
@@ -18,22 +18,27 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
-demo: install
+# The demo teacher is kept: a second `make demo` (and `make bench`) reuses it.
+demo-teacher: install
 	@echo "== 1/4 tokenizer: byte-level BPE (8k) on the shipped KJV corpus =="
 	@test -d $(DEMO)/tokenizer || $(BIN)/distillery tokenizer --out $(DEMO)/tokenizer --vocab-size 8192
 	@echo "== 2/4 teacher: pretrain a 7.6M-parameter Llama on the corpus (kept for later demos) =="
 	@test -d $(DEMO)/teacher/final || $(BIN)/distillery pretrain --config configs/demo_teacher.yaml
+
+demo: demo-teacher
 	@echo "== 3/4 run: round 1 teacher -> student A, round 2 A -> smaller student B on chat data =="
 	$(BIN)/distillery run --config configs/demo_run.yaml
 	@echo "== 4/4 report: $(DEMO)/run/report.md =="
 
-bench: install
-	$(BIN)/distillery bench --out bench-results
+bench: demo-teacher
+	$(BIN)/distillery bench --out bench-results --teacher $(DEMO)/teacher/final
 
 lint: install
 	$(BIN)/ruff check pipeline storage tests
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf runs bench-results

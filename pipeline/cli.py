@@ -3,19 +3,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+import textwrap
 
+from pipeline.cache.config import CacheJob
 from pipeline.errors import ConfigError, DataError, OutputError, TeacherError
-from pipeline.run_state import LockHeldError
+from pipeline.log import get_logger, set_verbosity
+from pipeline.rounds.config import RunJob
+from pipeline.rounds.state import LockHeldError
+from pipeline.train.config import PretrainJob, TrainJob
 from storage.errors import CacheError
 
 USER_ERRORS = (ConfigError, DataError, TeacherError, OutputError, CacheError, FileNotFoundError, LockHeldError)
 
 
 def _cache(args) -> int:
-    from pipeline.cache import run_cache
-    from pipeline.config import CacheJob
+    from pipeline.cache.config import CacheJob
+    from pipeline.cache.run import run_cache
     from pipeline.config_loading import load_config
 
     job = load_config(CacheJob, args.config, args.overrides)
@@ -26,8 +30,8 @@ def _cache(args) -> int:
 
 def _train(args) -> int:
     from pipeline.config_loading import load_config
-    from pipeline.train_config import TrainJob
-    from pipeline.train_jobs import train_from_cache
+    from pipeline.train.config import TrainJob
+    from pipeline.train.run import train_from_cache
 
     print(train_from_cache(load_config(TrainJob, args.config, args.overrides)))
     return 0
@@ -35,8 +39,8 @@ def _train(args) -> int:
 
 def _pretrain(args) -> int:
     from pipeline.config_loading import load_config
-    from pipeline.train_config import PretrainJob
-    from pipeline.train_jobs import pretrain
+    from pipeline.train.config import PretrainJob
+    from pipeline.train.run import pretrain
 
     print(pretrain(load_config(PretrainJob, args.config, args.overrides)))
     return 0
@@ -44,13 +48,14 @@ def _pretrain(args) -> int:
 
 def _run(args) -> int:
     from pipeline.config_loading import load_config
-    from pipeline.report import build_report
-    from pipeline.rounds import run_pipeline
-    from pipeline.run_config import RunJob
+    from pipeline.dist import world
+    from pipeline.rounds.config import RunJob
+    from pipeline.rounds.report import build_report
+    from pipeline.rounds.run import run_pipeline
 
     job = load_config(RunJob, args.config, args.overrides)
     run_dir = run_pipeline(job, args.round, args.stage, args.num_shards, args.shard_index)
-    if args.round is None and args.stage is None and int(os.environ.get("RANK", 0)) == 0:
+    if args.round is None and args.stage is None and world().is_main:
         report = build_report(run_dir)
         print(report.read_text())
     print(run_dir)
@@ -58,14 +63,14 @@ def _run(args) -> int:
 
 
 def _status(args) -> int:
-    from pipeline.report import format_status
+    from pipeline.rounds.report import format_status
 
     print(format_status(args.run_dir))
     return 0
 
 
 def _report(args) -> int:
-    from pipeline.report import build_report
+    from pipeline.rounds.report import build_report
 
     report = build_report(args.run_dir)
     print(report.read_text())
@@ -75,8 +80,8 @@ def _report(args) -> int:
 
 def _slurm(args) -> int:
     from pipeline.config_loading import load_config
-    from pipeline.run_config import RunJob
-    from pipeline.slurm import render
+    from pipeline.rounds.config import RunJob
+    from pipeline.rounds.slurm import render
 
     job = load_config(RunJob, args.config, [])
     for path in render(args.config, args.round, args.num_shards, args.out, job.run.dir, gpus=args.gpus):
@@ -85,7 +90,7 @@ def _slurm(args) -> int:
 
 
 def _inspect(args) -> int:
-    from pipeline.inspect_cache import format_summary, summarize
+    from storage.inspect import format_summary, summarize
     from storage.manifest import read_manifest
 
     summary = summarize(read_manifest(args.directory))
@@ -105,14 +110,14 @@ def _verify(args) -> int:
 
 
 def _tokenizer(args) -> int:
-    from pipeline.tokenizer import build_tokenizer
+    from pipeline.demo.tokenizer import build_tokenizer
 
     print(build_tokenizer(args.out, vocab_size=args.vocab_size))
     return 0
 
 
 def _init_model(args) -> int:
-    from pipeline.models import build_model
+    from pipeline.demo.init_model import build_model
 
     print(build_model(args.tokenizer, args.out, arch=args.arch, hidden=args.hidden, layers=args.layers,
                       heads=args.heads, max_positions=args.max_positions, seed=args.seed))
@@ -120,39 +125,54 @@ def _init_model(args) -> int:
 
 
 def _bench(args) -> int:
-    from pipeline.bench import run_bench
+    from pipeline.bench.run import run_bench
 
-    print(run_bench(args.out, quick=args.quick))
+    print(run_bench(args.out, quick=args.quick, teacher=args.teacher))
     return 0
+
+
+def keys_help(job_class: type) -> str:
+    """The ``--help`` epilog of a stage: every key with its type, default and docstring."""
+    from pipeline.config_loading import describe_keys
+
+    lines = ["keys (give them in --config YAML or as key=value overrides):"]
+    for key, type_name, default, doc in describe_keys(job_class):
+        lines.append(f"  {key} ({type_name}, default {default})")
+        lines += [f"      {line}" for line in textwrap.wrap(doc, 96)]
+    return "\n".join(lines)
+
+
+def _stage_parser(commands, name: str, handler, text: str, job_class: type, example: str):
+    stage = commands.add_parser(name, help=text, description=text, epilog=keys_help(job_class),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    stage.add_argument("--config", help="YAML config file (optional)")
+    stage.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example}")
+    stage.set_defaults(run=handler)
+    return stage
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distillery", description="Offline knowledge distillation for causal LMs.")
+    parser.add_argument("-v", "--verbose", action="store_const", const=1, default=0, dest="verbosity",
+                        help="also print debug messages")
+    parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity",
+                        help="print warnings and errors only")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    cache = commands.add_parser("cache", help="run the teacher once and cache its soft targets")
-    cache.add_argument("--config", help="YAML config file (optional)")
-    cache.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. cache.top_k=32")
+    cache = _stage_parser(commands, "cache", _cache, "run the teacher once and cache its soft targets", CacheJob,
+                          "cache.top_k=32")
     cache.add_argument("--num-shards", type=int, default=1, help="number of parallel jobs (e.g. Slurm array size)")
     cache.add_argument("--shard-index", type=int, default=0, help="this job's index in [0, num-shards)")
     cache.add_argument("--finalize", action="store_true", help="only assemble the manifest from finished shards")
-    cache.set_defaults(run=_cache)
-
-    for name, run, text in (("train", _train, "train a student on cached soft targets"),
-                            ("pretrain", _pretrain, "train a model with cross-entropy on raw text")):
-        stage = commands.add_parser(name, help=text)
-        stage.add_argument("--config", help="YAML config file (optional)")
-        stage.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
-        stage.set_defaults(run=run)
-
-    run = commands.add_parser("run", help="run a multi-round pipeline (or one stage of one round)")
-    run.add_argument("--config", help="YAML run config")
-    run.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    _stage_parser(commands, "train", _train, "train a student on cached soft targets", TrainJob, "train.steps=200")
+    _stage_parser(commands, "pretrain", _pretrain, "train a model with cross-entropy on raw text", PretrainJob,
+                  "train.steps=200")
+    run = _stage_parser(commands, "run", _run, "run a multi-round pipeline (or one stage of one round)", RunJob,
+                        "run.dir=runs/x")
     run.add_argument("--round", type=int, help="only this round (1-based)")
     run.add_argument("--stage", choices=["cache", "train"], help="only this stage")
     run.add_argument("--num-shards", type=int, default=1, help="parallel cache jobs (Slurm array size)")
     run.add_argument("--shard-index", type=int, default=0, help="this cache job's index")
-    run.set_defaults(run=_run)
 
     for name, handler, text in (("status", _status, "show the state of every round and stage"),
                                 ("report", _report, "write report.md and plots for a run")):
@@ -195,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run the benchmarks; write results.json and results.md")
     bench.add_argument("--out", required=True, help="output directory")
     bench.add_argument("--quick", action="store_true", help="tiny smoke run, not a timing")
+    bench.add_argument("--teacher", help="pretrained teacher folder for the storage and quality sections "
+                                         "(`make bench` passes the demo teacher)")
     bench.set_defaults(run=_bench)
     return parser
 
@@ -203,11 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import preempt
 
     args = build_parser().parse_args(argv)
+    set_verbosity(args.verbosity)
     preempt.install()
     try:
         return args.run(args)
     except preempt.Preempted as exc:
-        print(f"distillery {args.command}: preempted: {exc}", file=sys.stderr)
+        get_logger(args.command).warning(f"preempted: {exc}")
         return preempt.PREEMPTED_EXIT
     except USER_ERRORS as exc:
         print(f"distillery {args.command}: error: {exc}", file=sys.stderr)

@@ -160,6 +160,17 @@ def to_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
+def need(ok: bool, key: str, message: str) -> tuple[str, str] | None:
+    """A ``(key, message)`` problem when ``ok`` is false, for ``raise_problems``."""
+    return None if ok else (key, message)
+
+
+def device_problem(device: str) -> tuple[str, str] | None:
+    """The check of every job's ``device`` key."""
+    ok = device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
+    return need(ok, "device", f"must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
 def raise_problems(*checks: tuple[str, str] | None) -> None:
     """Raise every failed ``(key, message)`` check of a ``__post_init__`` as one ``ConfigError``.
 
@@ -169,3 +180,38 @@ def raise_problems(*checks: tuple[str, str] | None) -> None:
     if problems:
         lines = "\n  - ".join(f"{key}: {msg}" for key, msg in problems)
         raise ConfigError("invalid config:\n  - " + lines, problems)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, read from its source."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, doc)`` for every leaf key of a job dataclass, sections flattened with dots."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe_keys(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((prefix + f.name, _type_name(tp).replace("NoneType", "null"), yaml.safe_dump(default).strip()
+                     .removesuffix("...").strip(), docs.get(f.name, "")))
+    return rows

@@ -1,7 +1,8 @@
-"""Shard formats, manifest and checksums for cached teacher soft targets.
+"""Everything about a cache directory: shard formats, the typed manifest, the write protocol and the readers.
 
 This package knows nothing about models or training: numpy arrays go in and
-numpy arrays come out, so a cache can be read with ``storage`` alone.
+numpy arrays (or torch tensors) come out, so a cache can be read with
+``storage`` alone, or with plain pyarrow or zarr.
 """
 from storage.atomic import atomic_write
 from storage.errors import (
@@ -11,7 +12,7 @@ from storage.errors import (
     FingerprintMismatchError,
 )
 from storage.formats import FORMATS, get_format
-from storage.manifest import Manifest, read_manifest
+from storage.manifest import Manifest, ShardRecord, read_manifest
 
 __all__ = [
     "FORMATS",
@@ -20,6 +21,7 @@ __all__ = [
     "ChecksumError",
     "FingerprintMismatchError",
     "Manifest",
+    "ShardRecord",
     "atomic_write",
     "get_format",
     "read_manifest",

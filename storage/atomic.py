@@ -1,6 +1,8 @@
-"""The one helper through which every file and shard directory is written."""
+"""The one helper through which every file and directory of a cache, checkpoint or run is written."""
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 import uuid
@@ -8,12 +10,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from storage.errors import NotWritableError
+
 TMP_MARKER = ".tmp-"
+OLD_MARKER = ".old-"
+_RACE_ATTEMPTS = 50
 
 
-def temp_name(path: Path) -> Path:
+def temp_name(path: Path, marker: str = TMP_MARKER) -> Path:
     """A unique hidden sibling of ``path``; readers never look at such names."""
-    return path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return path.with_name(f".{path.name}{marker}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def remove_path(path: Path) -> None:
@@ -24,23 +30,54 @@ def remove_path(path: Path) -> None:
         path.unlink()
 
 
+def _replace_directory(tmp: Path, final: Path) -> None:
+    """Move the complete directory ``tmp`` onto ``final``, which may exist.
+
+    POSIX cannot rename onto a non-empty directory, so the old one is first
+    renamed aside and removed only once the new one is in place: a crash in
+    between leaves the old copy under a hidden name, never neither copy. When
+    another writer puts its own copy in place between those two renames (two
+    parts finishing together), the rename fails with ENOTEMPTY and is retried.
+    """
+    for _ in range(_RACE_ATTEMPTS):
+        aside = temp_name(final, OLD_MARKER)
+        try:
+            os.rename(final, aside)
+        except FileNotFoundError:
+            aside = None  # nothing there, or another writer moved it first
+        try:
+            os.rename(tmp, final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                if aside is not None:
+                    os.rename(aside, final)  # put the old copy back
+                raise
+            continue  # another writer's copy landed in between; move it aside too
+        finally:
+            if aside is not None and aside.exists():
+                remove_path(aside)
+        return
+    raise OSError(errno.EBUSY, f"could not replace {final}: other writers kept replacing it")
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path; on success rename it onto ``path``.
+    """Yield a temporary path to write a file or a directory at; on success move it onto ``path``.
 
-    The caller writes a file or a directory at the yielded path. Readers see
-    either the old ``path`` or the complete new one, never a partial write.
-    On error the temporary is removed and ``path`` is left untouched.
+    Readers see either the old ``path`` or the complete new one, never a
+    partial write. A file replaces its old version in one ``os.replace``; a
+    directory goes through ``_replace_directory``. On error the temporary is
+    removed and ``path`` is left as it was.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(final)
     try:
         yield tmp
-        if tmp.is_dir() and final.exists():
-            # os.replace cannot replace a non-empty directory.
-            remove_path(final)
-        os.replace(tmp, final)
+        if tmp.is_dir():
+            _replace_directory(tmp, final)
+        else:
+            os.replace(tmp, final)
     except BaseException:
         remove_path(tmp)
         raise
@@ -55,6 +92,23 @@ def write_text(path: str | os.PathLike, text: str) -> None:
             os.fsync(handle.fileno())
 
 
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Atomically write ``data`` as indented JSON."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
 def stale_temporaries(directory: Path, name: str) -> list[Path]:
-    """Leftover temporaries of ``name`` in ``directory`` from killed writers."""
-    return sorted(directory.glob(f".{name}{TMP_MARKER}*"))
+    """Leftover temporaries and set-aside old copies of ``name`` in ``directory`` from killed writers."""
+    return sorted([*directory.glob(f".{name}{TMP_MARKER}*"), *directory.glob(f".{name}{OLD_MARKER}*")])
+
+
+def ensure_writable(directory: Path, key: str) -> None:
+    """Create ``directory`` and prove a file can be written there, or raise ``NotWritableError`` naming ``key``."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise NotWritableError(
+            f"{key} {directory} is not a writable directory ({exc.strerror or exc}); choose another") from exc

@@ -1,4 +1,4 @@
-"""Error classes. Each subclasses the built-in error a caller would expect."""
+"""Error classes of the storage layer; each subclasses the built-in error a caller would expect."""
 
 
 class CacheError(Exception):
@@ -15,6 +15,18 @@ class ChecksumError(CacheError, ValueError):
 
 class FingerprintMismatchError(CacheError, ValueError):
     """A directory already holds a cache built with different settings."""
+
+
+class ForeignDirectoryError(CacheError, ValueError):
+    """A directory to write a cache into holds files that are not a Distillery cache."""
+
+
+class ManifestError(CacheError, ValueError):
+    """A manifest or done record is not valid JSON of the expected shape."""
+
+
+class NotWritableError(CacheError, OSError):
+    """An output directory cannot be created or written."""
 
 
 class ShardSchemaError(CacheError, ValueError):

@@ -1,23 +1,22 @@
-"""Manifest, fingerprints and shard checksums.
+"""The typed ``Manifest`` and ``ShardRecord``, fingerprints and shard checksums.
 
-``manifest.json`` is written last and atomically; it is the only marker of a
-complete cache. Each finished shard also gets a small ``<shard>.done.json``
-record so that resumed or partitioned runs can tell complete shards from
-partial ones before the manifest exists.
+This module is the only reader and writer of ``manifest.json``. The manifest
+is written last and atomically; its existence is the only marker of a
+complete cache. Field order in ``Manifest`` is the key order of the JSON file.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage.atomic import write_text
-from storage.errors import CacheNotFoundError, ChecksumError
+from storage.atomic import write_json
+from storage.errors import CacheNotFoundError, ChecksumError, ManifestError
 
 FORMAT_VERSION = 2  # 2: token ids stored as uint16 when they fit
 MANIFEST_NAME = "manifest.json"
-DONE_SUFFIX = ".done.json"
 _BLOCK = 1 << 22
 
 
@@ -50,35 +49,76 @@ def shard_sha256(path: Path) -> str:
 
 
 def shard_bytes(path: Path) -> int:
+    """Size on disk of a shard file or of a shard directory's files."""
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
 
 
-def write_json(path: Path, data: dict) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+@dataclass(frozen=True)
+class ShardRecord:
+    """One shard listed in the manifest; ``path`` is relative to the cache directory."""
 
-
-def done_record_path(shard_path: Path) -> Path:
-    return shard_path.with_name(shard_path.name + DONE_SUFFIX)
+    path: str
+    split: str
+    sequences: int
+    tokens: int
+    bytes: int
+    sha256: str
 
 
 @dataclass
 class Manifest:
-    """A loaded ``manifest.json`` and the directory it describes."""
+    """A complete cache: what was cached, how, and every shard with its checksum.
 
-    directory: Path
-    data: dict
+    ``directory`` is where it was read from and is not stored. Descriptive
+    sections (``teacher``, ``dataset``, ``config`` ...) are plain mappings
+    written by stage 1; storage itself needs only ``format`` and ``shards``.
+    """
+
+    format_version: int = FORMAT_VERSION
+    fingerprint: str = ""
+    created_by: str = ""
+    teacher: dict = field(default_factory=dict)
+    tokenizer: dict = field(default_factory=dict)
+    vocab_size: int | None = None
+    dataset: dict = field(default_factory=dict)
+    seq_len: int | None = None
+    mode: str = "topk"
+    top_k: int | None = None
+    samples: int | None = None
+    seed: int | None = None
+    width: int | None = None
+    temperature: float = 1.0
+    format: str = "arrow"
+    compression: dict = field(default_factory=dict)
+    dtypes: dict = field(default_factory=dict)
+    id_storage: str | None = None
+    fingerprint_identity: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    tokenizer_dir: str | None = None
+    splits: dict = field(default_factory=dict)
+    shards: list[ShardRecord] = field(default_factory=list)
+    directory: Path = field(default=Path("."), compare=False)
 
     @property
-    def shards(self) -> list[dict]:
-        return self.data["shards"]
+    def tokenizer_length(self) -> int:
+        """Real tokens of the tokenizer; output rows at or beyond it are padding."""
+        return self.tokenizer.get("length", self.vocab_size)
 
-    def shards_for(self, split: str) -> list[dict]:
-        return [s for s in self.shards if s["split"] == split]
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
 
-    def shard_path(self, record: dict) -> Path:
-        return self.directory / record["path"]
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def shards_for(self, split: str) -> list[ShardRecord]:
+        return [s for s in self.shards if s.split == split]
+
+    def shard_path(self, record: ShardRecord) -> Path:
+        return self.directory / record.path
 
     def verify(self) -> list[str]:
         """Re-hash every listed shard; return one message per bad or missing shard."""
@@ -87,25 +127,53 @@ class Manifest:
             path = self.shard_path(record)
             if not path.exists():
                 problems.append(f"missing: {path}")
-            elif shard_sha256(path) != record["sha256"]:
+            elif shard_sha256(path) != record.sha256:
                 problems.append(f"checksum mismatch: {path}")
         return problems
 
-    def check_shard(self, record: dict) -> Path:
+    def check_shard(self, record: ShardRecord) -> Path:
         """Return the shard's path after verifying its checksum."""
         path = self.shard_path(record)
         if not path.exists():
             raise CacheNotFoundError(f"shard {path} listed in {self.directory / MANIFEST_NAME} is missing")
-        if shard_sha256(path) != record["sha256"]:
+        if shard_sha256(path) != record.sha256:
             raise ChecksumError(
                 f"shard {path} does not match its sha256 in the manifest; "
                 f"the cache is corrupt: run `distillery verify {self.directory}` and rebuild it"
             )
         return path
 
+    def to_json(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "directory"}
+        data["shards"] = [dataclasses.asdict(s) for s in self.shards]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict, directory: Path, source: str = MANIFEST_NAME) -> Manifest:
+        """Build from parsed JSON, naming ``source`` and the bad key in any error."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"directory"}
+        if not isinstance(data, dict) or not isinstance(data.get("shards"), list):
+            raise ManifestError(f"{source} is not a Distillery manifest (no list of shards); rebuild the cache")
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise ManifestError(f"{source} has format_version {data['format_version']}, newer than this "
+                                f"Distillery reads ({FORMAT_VERSION}); upgrade Distillery")
+        try:
+            shards = [ShardRecord(**record) for record in data["shards"]]
+        except TypeError as exc:
+            raise ManifestError(f"{source}: a shard record is malformed ({exc}); rebuild the cache") from None
+        known = {k: v for k, v in data.items() if k in names and k != "shards"}
+        return cls(**known, shards=shards, directory=directory)
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Path:
+    """Write ``manifest.json`` atomically: the last step of a cache, marking it complete."""
+    path = directory / MANIFEST_NAME
+    write_json(path, manifest.to_json())
+    return path
+
 
 def read_manifest(directory: str | Path) -> Manifest:
-    """Load the manifest of a complete cache, or raise ``CacheNotFoundError``."""
+    """Load the manifest of a complete cache, or raise ``CacheNotFoundError`` / ``ManifestError``."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     if not path.is_file():
@@ -113,5 +181,8 @@ def read_manifest(directory: str | Path) -> Manifest:
             f"no {MANIFEST_NAME} in {directory}: it is not a complete Distillery cache "
             f"(run or finish `distillery cache` for it first)"
         )
-    with open(path, encoding="utf-8") as handle:
-        return Manifest(directory, json.load(handle))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path} is not valid JSON ({exc}); the cache is damaged: rebuild it") from None
+    return Manifest.from_json(data, directory, str(path))

@@ -11,10 +11,9 @@ does not depend on the number of workers.
 """
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,17 +27,21 @@ class StreamState:
     epoch: int = 0
     batch: int = 0
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> StreamState:
-        return cls(**json.loads(text))
-
     def advance(self, batches: int, batches_per_epoch: int) -> StreamState:
         """The state after consuming ``batches`` more batches."""
         total = self.epoch * batches_per_epoch + self.batch + batches
         return StreamState(total // batches_per_epoch, total % batches_per_epoch)
+
+
+@dataclass(frozen=True)
+class StreamOrder:
+    """What fixes the batches a rank sees: batch size, seed, shuffle block, and its place among the ranks."""
+
+    batch_size: int
+    seed: int = 0
+    shuffle_buffer: int = 1024
+    rank: int = 0
+    world_size: int = 1
 
 
 def epoch_order(shard_sizes: list[int], seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
@@ -99,20 +102,22 @@ class ShardRows:
         return out
 
 
-def iterate_batches(rows: ShardRows, shard_sizes: list[int], batch_size: int, seed: int, shuffle_buffer: int,
-                    rank: int, world_size: int, start: StreamState, worker: int = 0, num_workers: int = 1,
-                    loop: bool = True, depth: int = 4) -> Iterator[dict[str, np.ndarray]]:
+def iterate_batches(rows: ShardRows, shard_sizes: list[int], order: StreamOrder, start: StreamState, *,
+                    worker: int = 0, num_workers: int = 1, loop: bool = True,
+                    depth: int = 4) -> Iterator[dict[str, np.ndarray]]:
     """Yield this (rank, worker)'s batches from ``start`` on, prefetched on a background thread."""
+    size = order.batch_size
 
     def produce():
         epoch, first = start.epoch, start.batch
         while True:
-            samples = rank_samples(epoch_order(shard_sizes, seed, epoch, shuffle_buffer), rank, world_size)
-            stop = len(samples) // batch_size
+            samples = rank_samples(epoch_order(shard_sizes, order.seed, epoch, order.shuffle_buffer), order.rank,
+                                   order.world_size)
+            stop = len(samples) // size
             if stop == 0:
-                raise ValueError(f"batch size {batch_size} exceeds the {len(samples)} samples a rank gets per epoch")
+                raise ValueError(f"batch size {size} exceeds the {len(samples)} samples a rank gets per epoch")
             for b in worker_batches(first, stop, worker, num_workers):
-                yield rows.gather(samples[b * batch_size : (b + 1) * batch_size])
+                yield rows.gather(samples[b * size : (b + 1) * size])
             if not loop:
                 return
             epoch, first = epoch + 1, 0

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.models import build_model
-from pipeline.tokenizer import build_tokenizer, corpus_texts
+from pipeline.demo.init_model import build_model
+from pipeline.demo.tokenizer import build_tokenizer, corpus_texts
 
 VOCAB = 512
 

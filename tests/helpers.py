@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cache import CacheResult, run_cache
-from pipeline.config import CacheJob
+from pipeline.cache.config import CacheJob
+from pipeline.cache.run import CacheResult, run_cache
 from pipeline.config_loading import load_config
 from storage.formats import get_format
 from storage.manifest import read_manifest
@@ -17,8 +17,8 @@ def cache(args: list[str], **kwargs) -> CacheResult:
 def read_all(directory: Path) -> dict[str, dict]:
     """Every shard of a finished cache, by shard path."""
     manifest = read_manifest(directory)
-    fmt = get_format(manifest.data["format"])
-    return {s["path"]: fmt.read(manifest.shard_path(s)) for s in manifest.shards}
+    fmt = get_format(manifest.format)
+    return {s.path: fmt.read(manifest.shard_path(s)) for s in manifest.shards}
 
 
 def cache_args(model: Path, data: Path, directory: Path, **extra) -> list[str]:
@@ -46,7 +46,7 @@ def train_args(cache_dir: Path, out_dir: Path, **extra) -> list[str]:
 
 
 def train(args: list[str]) -> Path:
-    from pipeline.train_config import TrainJob
-    from pipeline.train_jobs import train_from_cache
+    from pipeline.train.config import TrainJob
+    from pipeline.train.run import train_from_cache
 
     return train_from_cache(load_config(TrainJob, None, args))

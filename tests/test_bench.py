@@ -27,7 +27,7 @@ def test_quick_bench_writes_every_section(tmp_path, capsys):
 
 
 def test_quality_summary_pairs_runs_by_seed():
-    from pipeline.bench_quality import summarize_quality
+    from pipeline.bench.quality import summarize_quality
 
     def run(student, seed, kl):
         return {"student": student, "seed": seed, "kl": kl, "ppl": 1.0, "top1": 0.5, "ece": 0.0,

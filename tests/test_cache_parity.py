@@ -9,8 +9,8 @@ import zarr
 from helpers import cache, cache_args, read_all
 from transformers import AutoModelForCausalLM
 
-from pipeline.models import build_model
-from pipeline.reduce import sample_targets, sequence_uniforms
+from pipeline.cache.reduce import sample_targets, sequence_uniforms
+from pipeline.demo.init_model import build_model
 from storage.manifest import read_manifest
 
 
@@ -70,9 +70,9 @@ def test_sample_mode_reproduces_from_teacher_forward(tmp_path, llama_dir, corpus
                                                                 "cache.samples": 20, "cache.seed": 7})
     directory = cache(args).directory
     manifest = read_manifest(directory)
-    assert manifest.data["width"] == 20 and manifest.data["mode"] == "sample"
+    assert manifest.width == 20 and manifest.mode == "sample"
     record = manifest.shards_for("train")[0]
-    shard = read_all(directory)[record["path"]]
+    shard = read_all(directory)[record.path]
     logits = reference_logits(llama_dir, shard["input_ids"])
     seq_len = shard["input_ids"].shape[1]
     uniforms = torch.cat([sequence_uniforms(7, 0, i, seq_len, 20) for i in range(len(logits))])
@@ -90,11 +90,11 @@ def test_shards_read_with_plain_pyarrow_and_zarr(tmp_path, llama_dir, corpus_jso
     a = cache(cache_args(llama_dir, corpus_jsonl, tmp_path / "a", **{"cache.format": "arrow"})).directory
     z = cache(cache_args(llama_dir, corpus_jsonl, tmp_path / "z", **{"cache.format": "zarr"})).directory
     first = read_manifest(a).shards[0]
-    table = ipc.open_file(str(a / first["path"])).read_all()
+    table = ipc.open_file(str(a / first.path)).read_all()
     assert table.column_names == ["input_ids", "topk_ids", "topk_logprobs", "tail_logprob", "loss_mask"]
-    assert table.num_rows == first["sequences"]
-    group = zarr.open_group(str(z / read_manifest(z).shards[0]["path"]), mode="r")
-    assert group["topk_ids"].shape == (first["sequences"], 64, 8)
+    assert table.num_rows == first.sequences
+    group = zarr.open_group(str(z / read_manifest(z).shards[0].path), mode="r")
+    assert group["topk_ids"].shape == (first.sequences, 64, 8)
     assert group["topk_ids"].dtype == np.uint16  # a 512-entry vocabulary fits; see storage/schema.py
     ids_arrow = np.array(table.column("topk_ids").to_pylist(), dtype=np.int32)
     np.testing.assert_array_equal(ids_arrow, group["topk_ids"][...])
@@ -106,21 +106,21 @@ def test_ids_above_65535_round_trip(tmp_path, tokenizer_dir, corpus_jsonl):
     for fmt in ("arrow", "zarr"):
         directory = cache(cache_args(model_dir, corpus_jsonl, tmp_path / fmt, **{"cache.format": fmt})).directory
         manifest = read_manifest(directory)
-        assert manifest.data["vocab_size"] == 70_000 and manifest.data["tokenizer"]["length"] == 512
+        assert manifest.vocab_size == 70_000 and manifest.tokenizer["length"] == 512
         shard = next(iter(read_all(directory).values()))
         assert shard["topk_ids"].max() > 65535
         assert_topk_parity(model_dir, shard, temperature=1.0)
 
 
 def test_hybrid_mode_reproduces_from_teacher_forward(tmp_path, llama_dir, corpus_jsonl):
-    from pipeline.reduce import hybrid_targets
+    from pipeline.cache.reduce import hybrid_targets
 
     args = cache_args(llama_dir, corpus_jsonl, tmp_path / "c", **{"cache.mode": "hybrid", "cache.top_k": 4,
                                                                 "cache.samples": 12})
     directory = cache(args).directory
     manifest = read_manifest(directory)
-    assert manifest.data["width"] == 16 and manifest.data["top_k"] == 4 and manifest.data["samples"] == 12
-    shard = read_all(directory)[manifest.shards_for("train")[0]["path"]]
+    assert manifest.width == 16 and manifest.top_k == 4 and manifest.samples == 12
+    shard = read_all(directory)[manifest.shards_for("train")[0].path]
     logits = reference_logits(llama_dir, shard["input_ids"])
     seq_len = shard["input_ids"].shape[1]
     uniforms = torch.cat([sequence_uniforms(0, 0, i, seq_len, 12) for i in range(len(logits))])

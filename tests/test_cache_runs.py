@@ -1,6 +1,7 @@
 """Cache hits and misses, crash and resume, Slurm-style partitions, torchrun, inspect and verify."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,13 +12,13 @@ import pytest
 from helpers import cache, cache_args, read_all
 
 from pipeline import cli
-from pipeline.shard_writer import BackgroundShardWriter
 from storage.errors import FingerprintMismatchError
 from storage.manifest import read_manifest
+from storage.writer import CacheDirectory
 
 
 def shard_hashes(directory) -> dict[str, str]:
-    return {s["path"]: s["sha256"] for s in read_manifest(directory).shards}
+    return {s.path: s.sha256 for s in read_manifest(directory).shards}
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +32,14 @@ def reference(tmp_path_factory, llama_dir, corpus_jsonl):
 
 def test_exact_output_files(reference):
     manifest = read_manifest(reference)
-    shards = [s["path"] for s in manifest.shards]
-    assert shards[0] == "train-00000.arrow" and manifest.shards_for("eval")[0]["path"] == "eval-00000.arrow"
+    shards = [s.path for s in manifest.shards]
+    assert shards[0] == "train-00000.arrow" and manifest.shards_for("eval")[0].path == "eval-00000.arrow"
     expected = {"manifest.json", "fingerprint.json", "config.yaml", "tokenizer"}
     expected |= {p for s in shards for p in (s, s + ".done.json")}
     assert {p.name for p in reference.iterdir()} == expected
-    assert manifest.data["splits"]["train"]["sequences"] + manifest.data["splits"]["eval"]["sequences"] == sum(
-        s["sequences"] for s in manifest.shards)
-    assert all(s.keys() == {"path", "split", "sequences", "tokens", "bytes", "sha256"} for s in manifest.shards)
+    assert manifest.splits["train"]["sequences"] + manifest.splits["eval"]["sequences"] == sum(
+        s.sequences for s in manifest.shards)
+    assert all(dataclasses.asdict(s).keys() == {"path", "split", "sequences", "tokens", "bytes", "sha256"} for s in manifest.shards)
 
 
 def test_padding_is_masked(reference):
@@ -53,7 +54,7 @@ def test_same_settings_are_a_hit_with_no_teacher_work(reference, llama_dir, corp
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded on a cache hit")
 
-    monkeypatch.setattr("pipeline.cache.load_model", no_teacher)
+    monkeypatch.setattr("pipeline.cache.teacher_pass.load_model", no_teacher)
     assert cli.main(["cache", *cache_args(llama_dir, corpus_jsonl, reference)]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip().splitlines()[-1] == str(reference)
@@ -64,7 +65,7 @@ def test_cache_root_keys_by_fingerprint(tmp_path, llama_dir, corpus_jsonl):
     args = cache_args(llama_dir, corpus_jsonl, "", **{"cache.root": tmp_path})
     args = [a for a in args if not a.startswith("cache.dir")]
     first = cache(args)
-    assert first.directory.parent == tmp_path and first.directory.name == read_manifest(first.directory).data["fingerprint"]
+    assert first.directory.parent == tmp_path and first.directory.name == read_manifest(first.directory).fingerprint
     assert cache(args).hit
     other = cache(args + ["cache.top_k=4"])
     assert not other.hit and other.directory != first.directory
@@ -79,20 +80,20 @@ def test_different_settings_in_same_dir_fail(reference, llama_dir, corpus_jsonl)
 
 def test_crash_then_resume_equals_uninterrupted(tmp_path, reference, llama_dir, corpus_jsonl, monkeypatch):
     directory = tmp_path / "cache"
-    original = BackgroundShardWriter._write
+    original = CacheDirectory.write_shard
     calls = []
 
-    def crash_on_third(self, plan, arrays):
+    def crash_on_third(self, plan, shard_format, arrays, level):
         calls.append(plan.name)
         if len(calls) == 3:
             (directory / f".{plan.name}.tmp-999-dead").write_bytes(b"partial")  # a killed writer's leftover
             raise RuntimeError("simulated crash")
-        original(self, plan, arrays)
+        original(self, plan, shard_format, arrays, level)
 
-    monkeypatch.setattr(BackgroundShardWriter, "_write", crash_on_third)
+    monkeypatch.setattr(CacheDirectory, "write_shard", crash_on_third)
     with pytest.raises(RuntimeError, match="simulated crash"):
         cache(cache_args(llama_dir, corpus_jsonl, directory))
-    monkeypatch.setattr(BackgroundShardWriter, "_write", original)
+    monkeypatch.setattr(CacheDirectory, "write_shard", original)
     assert not (directory / "manifest.json").exists()
     (directory / "train-00001.arrow").write_bytes(b"corrupted after its record was written")
 
@@ -134,7 +135,7 @@ def test_torchrun_two_processes_match_one(tmp_path, llama_dir, corpus_jsonl):
 def test_inspect_and_verify(reference, tmp_path, capsys):
     assert cli.main(["inspect", "--json", str(reference)]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["tokens"] == sum(s["tokens"] for s in read_manifest(reference).shards)
+    assert summary["tokens"] == read_manifest(reference).tokens
     assert 0 < summary["mean_top1_prob"] < 1 and 0 < summary["mean_tail_mass"] < 1
     assert summary["bytes_per_token"] > 0
     assert cli.main(["verify", str(reference)]) == 0
@@ -157,9 +158,9 @@ def test_eval_path_is_cached_as_eval_split(tmp_path, llama_dir, corpus_jsonl):
                                                                 "data.eval_path": eval_file})
     manifest = read_manifest(cache(args).directory)
     evals = manifest.shards_for("eval")
-    assert len(evals) == 1 and evals[0]["sequences"] == 1
-    shard = read_all(manifest.directory)[evals[0]["path"]]
+    assert len(evals) == 1 and evals[0].sequences == 1
+    shard = read_all(manifest.directory)[evals[0].path]
     real = int(shard["loss_mask"].sum()) + 1  # rows whose next token is real, plus the final EOS
     assert 0 < real < shard["loss_mask"].size and shard["loss_mask"][0, : real - 1].all()
-    assert np.all(shard["input_ids"][0, real:] == manifest.data["tokenizer"]["pad_token_id"])
-    assert shard["input_ids"][0, real - 1] == manifest.data["tokenizer"]["eos_token_id"]
+    assert np.all(shard["input_ids"][0, real:] == manifest.tokenizer["pad_token_id"])
+    assert shard["input_ids"][0, real - 1] == manifest.tokenizer["eos_token_id"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import CacheJob
+from pipeline.cache.config import CacheJob
 from pipeline.config_loading import load_config, parse_overrides, read_yaml, to_yaml
 from pipeline.errors import ConfigError
 
@@ -73,8 +73,8 @@ def test_missing_required_keys_are_named():
 
 
 def job_class(data: dict):
-    from pipeline.run_config import RunJob
-    from pipeline.train_config import PretrainJob, TrainJob
+    from pipeline.rounds.config import RunJob
+    from pipeline.train.config import PretrainJob, TrainJob
 
     if "rounds" in data:
         return RunJob
@@ -91,8 +91,8 @@ def test_every_shipped_config_loads(path):
 
 
 def test_readme_documents_every_key():
-    from pipeline.run_config import RunJob
-    from pipeline.train_config import PretrainJob, TrainJob
+    from pipeline.rounds.config import RunJob
+    from pipeline.train.config import PretrainJob, TrainJob
 
     readme = (ROOT / "README.md").read_text()
     keys = {*all_keys(CacheJob), *all_keys(TrainJob), *all_keys(PretrainJob), *all_keys(RunJob)}

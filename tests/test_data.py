@@ -7,8 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.config import DataConfig
-from pipeline.data import load_documents, pack, prepare_splits
+from pipeline.data.config import DataConfig
+from pipeline.data.load import load_documents
+from pipeline.data.pack import pack, prepare_splits
 from pipeline.errors import DataError
 
 
@@ -89,7 +90,7 @@ def test_chat_trains_on_assistant_turns_only(tokenizer_dir, tmp_path):
 
 
 def test_shipped_qa_corpus_loads_in_both_formats(tokenizer_dir):
-    from pipeline.tokenizer import QA_CORPUS
+    from pipeline.demo.tokenizer import QA_CORPUS
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     for fmt in ("chat", "prompt_response"):

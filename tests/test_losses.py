@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import cross_entropy, dense_forward_kl, kd_loss
-from pipeline.reduce import sample_targets, topk_targets
+from pipeline.cache.reduce import sample_targets, topk_targets
+from pipeline.train.losses import cross_entropy, dense_forward_kl, kd_loss
 
 torch.manual_seed(0)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.reduce import sample_targets, sequence_uniforms, topk_targets, unique_counts
+from pipeline.cache.reduce import sample_targets, sequence_uniforms, topk_targets, unique_counts
 
 
 def test_topk_matches_log_softmax_and_tail():
@@ -64,7 +64,7 @@ def test_sample_width_bound_by_vocab_keeps_every_draw():
 
 
 def test_hybrid_is_exact_head_plus_unbiased_tail():
-    from pipeline.reduce import hybrid_targets
+    from pipeline.cache.reduce import hybrid_targets
 
     torch.manual_seed(1)
     logits = torch.randn(1, 30) * 2

@@ -15,10 +15,10 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline import cli, preempt
-from pipeline import train as train_module
-from pipeline.run_state import LockHeldError, stage_lock
-from pipeline.slurm import render
-from pipeline.tokenizer import QA_CORPUS
+from pipeline.demo.tokenizer import QA_CORPUS
+from pipeline.rounds.slurm import render
+from pipeline.rounds.state import LockHeldError, stage_lock
+from pipeline.train import recipe as train_module
 
 STUDENT_A = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "num_attention_heads": 2, "num_key_value_heads": 2}
@@ -114,7 +114,7 @@ def test_second_experiment_reuses_caches_without_teacher_work(first_run, tmp_pat
     def no_teacher(*args, **kwargs):
         raise AssertionError("a teacher was loaded although its cache exists")
 
-    monkeypatch.setattr("pipeline.cache.load_model", no_teacher)
+    monkeypatch.setattr("pipeline.cache.teacher_pass.load_model", no_teacher)
     assert cli.main(["run", "--config", str(again)]) == 0
     state = json.loads((tmp_path / "again" / "state.json").read_text())["rounds"]
     assert state["1"]["cache"]["hit"] and state["2"]["cache"]["hit"]
@@ -157,12 +157,12 @@ def test_stage_one_stops_on_a_real_signal_and_resumes(tmp_path, llama_dir, corpu
     script = (
         "import os, signal, sys\n"
         "from pipeline import cli\n"
-        "from pipeline.shard_writer import BackgroundShardWriter\n"
-        "original = BackgroundShardWriter._write\n"
-        "def write(self, plan, arrays):\n"
-        "    original(self, plan, arrays)\n"
+        "from storage.writer import CacheDirectory\n"
+        "original = CacheDirectory.write_shard\n"
+        "def write(self, plan, *args):\n"
+        "    original(self, plan, *args)\n"
         "    if plan.index == 1: os.kill(os.getpid(), signal.SIGUSR1)\n"
-        "BackgroundShardWriter._write = write\n"
+        "CacheDirectory.write_shard = write\n"
         "sys.exit(cli.main(sys.argv[1:]))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

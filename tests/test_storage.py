@@ -118,13 +118,14 @@ def test_partition_rejects_out_of_range_indices():
 
 
 def test_threaded_writer_writes_the_same_shards_as_one_thread(tmp_path):
-    from pipeline.shard_writer import BackgroundShardWriter, ShardPlan
+    from storage.writer import BackgroundShardWriter, CacheDirectory, ShardPlan
 
     hashes = []
     for threads in (1, 3):
         directory = tmp_path / f"t{threads}"
         directory.mkdir()
-        writer = BackgroundShardWriter(directory, get_format("arrow"), 3, "fp", depth=threads + 1, threads=threads)
+        writer = BackgroundShardWriter(CacheDirectory(directory, "fp"), get_format("arrow"), 3, depth=threads + 1,
+                                       threads=threads)
         for index in range(7):
             writer.submit(ShardPlan("train", index, index * 5, 5, ".arrow"), make_arrays(seed=index))
         writer.close()

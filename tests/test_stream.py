@@ -1,6 +1,8 @@
 """The streaming reader: deterministic order, rank and worker splits, resume, bounded memory, checksums."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch.utils.data import DataLoader
 from storage.errors import ChecksumError
 from storage.manifest import read_manifest
 from storage.reader import SoftTargetStream, sequential_batches
-from storage.stream import ShardRows, StreamState, epoch_order, rank_samples, worker_batches
+from storage.stream import ShardRows, StreamOrder, StreamState, epoch_order, rank_samples, worker_batches
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_shard_rows_keep_at_most_max_open_shards():
 
 
 def test_stream_yields_typed_batches(cache_dir):
-    batch = next(iter(SoftTargetStream(cache_dir, batch_size=3)))
+    batch = next(iter(SoftTargetStream(cache_dir, StreamOrder(3))))
     assert batch["input_ids"].shape == (3, 32) and batch["input_ids"].dtype == torch.int64
     assert batch["topk_ids"].shape == (3, 32, 8) and batch["topk_ids"].dtype == torch.int64
     assert batch["topk_logprobs"].dtype == torch.float32 and batch["tail_logprob"].shape == (3, 32)
@@ -69,25 +71,25 @@ def test_stream_yields_typed_batches(cache_dir):
 
 
 def test_resume_state_continues_exactly(cache_dir):
-    stream = SoftTargetStream(cache_dir, batch_size=2, seed=3, shuffle_buffer=4)
+    stream = SoftTargetStream(cache_dir, StreamOrder(2, seed=3, shuffle_buffer=4))
     per_epoch = stream.batches_per_epoch
     full = take(iter(stream), per_epoch + 3)  # crosses an epoch boundary
     state = StreamState().advance(per_epoch - 2, per_epoch)
-    restored = StreamState.from_json(state.to_json())
-    resumed = take(iter(SoftTargetStream(cache_dir, batch_size=2, seed=3, shuffle_buffer=4, start=restored)), 5)
+    restored = StreamState(**json.loads(json.dumps(state.__dict__)))  # as a checkpoint's state.json stores it
+    resumed = take(iter(SoftTargetStream(cache_dir, StreamOrder(2, seed=3, shuffle_buffer=4), start=restored)), 5)
     for a, b in zip(full[per_epoch - 2 :], resumed):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["topk_ids"], b["topk_ids"])
 
 
 def test_order_does_not_depend_on_worker_count(cache_dir):
-    stream = SoftTargetStream(cache_dir, batch_size=2, seed=5)
+    stream = SoftTargetStream(cache_dir, StreamOrder(2, seed=5))
     plain = take(iter(DataLoader(stream, batch_size=None, num_workers=0)), 6)
     workers = take(iter(DataLoader(stream, batch_size=None, num_workers=2)), 6)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(plain, workers))
 
 
 def test_ranks_see_disjoint_samples_and_equal_steps(cache_dir):
-    streams = [SoftTargetStream(cache_dir, batch_size=2, rank=r, world_size=2) for r in range(2)]
+    streams = [SoftTargetStream(cache_dir, StreamOrder(2, rank=r, world_size=2)) for r in range(2)]
     assert streams[0].batches_per_epoch == streams[1].batches_per_epoch > 0
     seen = [set() for _ in streams]
     for r, stream in enumerate(streams):
@@ -101,7 +103,7 @@ def test_corrupt_shard_is_caught_on_first_open(cache_dir, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(cache_dir, copy)
-    first = read_manifest(copy).shards_for("train")[0]["path"]
+    first = read_manifest(copy).shards_for("train")[0].path
     data = bytearray((copy / first).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (copy / first).write_bytes(bytes(data))
@@ -110,5 +112,5 @@ def test_corrupt_shard_is_caught_on_first_open(cache_dir, tmp_path):
 
 
 def test_sequential_eval_pass_covers_the_split(cache_dir):
-    total = sum(s["sequences"] for s in read_manifest(cache_dir).shards_for("eval"))
+    total = sum(s.sequences for s in read_manifest(cache_dir).shards_for("eval"))
     assert sum(len(b["input_ids"]) for b in sequential_batches(cache_dir, "eval", 3)) == total

@@ -12,10 +12,10 @@ from helpers import cache, cache_args, train, train_args
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import train as train_module
+from pipeline.demo.init_model import build_model
+from pipeline.demo.tokenizer import build_tokenizer
 from pipeline.errors import ConfigError
-from pipeline.models import build_model
-from pipeline.tokenizer import build_tokenizer
+from pipeline.train import recipe as train_module
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +142,8 @@ def test_no_eval_shards_skips_evaluation(tmp_path, llama_dir, corpus_jsonl, capf
 
 def test_pretrain_on_raw_text(tmp_path, tokenizer_dir, corpus_jsonl):
     from pipeline.config_loading import load_config
-    from pipeline.train_config import PretrainJob
-    from pipeline.train_jobs import pretrain
+    from pipeline.train.config import PretrainJob
+    from pipeline.train.run import pretrain
 
     student = "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2}"
     job = load_config(PretrainJob, None, [f"data.path={corpus_jsonl}", "data.seq_len=32", "data.holdout_fraction=0.1",

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``distillery bench``; imported by the CLI and nothing else."""

@@ -1,0 +1,1 @@
+"""Stage 1, ``distillery cache``: run a teacher once and write its soft targets as checksummed shards."""

@@ -1,0 +1,130 @@
+"""Stage 1's plan: everything decided before the teacher's weights load (data, fingerprint, shards, header)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.cache.config import CacheJob
+from pipeline.cache.reduce import slot_width
+from pipeline.config_loading import to_dict
+from pipeline.data.pack import PackedSplit, data_identity, prepare_splits
+from pipeline.errors import ConfigError, DataError, TeacherError
+from pipeline.hf import load_config_and_tokenizer, max_positions, teacher_identity, tokenizer_sha256
+from storage.atomic import ensure_writable
+from storage.formats import get_format
+from storage.manifest import FORMAT_VERSION, Manifest, fingerprint
+from storage.schema import FIELDS, NARROW_PAD
+from storage.writer import CacheDirectory, ShardPlan, plan_shards
+
+
+@dataclass
+class CachePlan:
+    """Everything decided before the teacher's weights are loaded."""
+
+    job: CacheJob
+    tokenizer: object
+    splits: dict[str, PackedSplit]
+    vocab_size: int
+    width: int
+    header: Manifest
+    """The manifest without its shards; ``CacheDirectory.assemble`` completes it."""
+    directory: Path
+    shards: list[ShardPlan]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.header.fingerprint
+
+    @property
+    def cache(self) -> CacheDirectory:
+        return CacheDirectory(self.directory, self.fingerprint)
+
+
+def _check_against_model(job: CacheJob, hf_config) -> int:
+    """Validate settings that depend on the teacher; return its output vocab size."""
+    vocab_size = getattr(hf_config, "vocab_size", None)
+    if not isinstance(vocab_size, int):
+        raise TeacherError(f"teacher.model {job.teacher.model!r}: its config has no integer vocab_size")
+    problems = []
+    limit = max_positions(hf_config)
+    if limit is not None and job.data.seq_len > limit:
+        problems.append(f"data.seq_len: {job.data.seq_len} exceeds the teacher's maximum positions ({limit})")
+    if job.cache.mode in ("topk", "hybrid") and job.cache.top_k > vocab_size - (job.cache.mode == "hybrid"):
+        problems.append(f"cache.top_k: {job.cache.top_k} exceeds the teacher's vocab size ({vocab_size})")
+    if problems:
+        raise ConfigError("invalid config for this teacher:\n  - " + "\n  - ".join(problems))
+    return vocab_size
+
+
+def _fingerprint_identity(job: CacheJob, teacher: dict, tokenizer_hash: str, data: dict, width: int) -> dict:
+    """What the fingerprint hashes: every setting that changes the bytes of a shard."""
+    c = job.cache
+    return {
+        "format_version": FORMAT_VERSION,
+        "teacher": {k: teacher[k] for k in ("weights_sha256",)} if teacher["weights_sha256"] else teacher,
+        "teacher_dtype": job.teacher.dtype,
+        "tokenizer_sha256": tokenizer_hash,
+        "data_sha256": data["sha256"],
+        "seq_len": job.data.seq_len,
+        "mode": c.mode,
+        "width": width,
+        "top_k": c.top_k if c.mode != "sample" else None,
+        "samples": c.samples if c.mode != "topk" else None,
+        "seed": c.seed if c.mode != "topk" else None,
+        "temperature": c.temperature,
+        "format": c.format,
+        "shard_size": c.shard_size,
+    }
+
+
+def _header(job: CacheJob, hf_config, tokenizer, vocab_size: int, width: int, teacher: dict, data: dict,
+            identity: dict) -> Manifest:
+    c = job.cache
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        fingerprint=fingerprint(identity),
+        created_by=f"distillery {__version__}",
+        teacher={**teacher, "dtype": job.teacher.dtype, "model_type": getattr(hf_config, "model_type", None)},
+        tokenizer={"sha256": identity["tokenizer_sha256"], "length": len(tokenizer),
+                   "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        vocab_size=vocab_size,
+        dataset=data,
+        seq_len=job.data.seq_len,
+        mode=c.mode,
+        top_k=c.top_k if c.mode != "sample" else None,
+        samples=c.samples if c.mode != "topk" else None,
+        seed=c.seed,
+        width=width,
+        temperature=c.temperature,
+        format=get_format(c.format).name,
+        compression={"codec": "zstd", "level": c.compression_level},
+        dtypes={field.name: str(field.dtype) for field in FIELDS},
+        id_storage=f"uint16 per shard and field when every id < {NARROW_PAD} (padding -1 as {NARROW_PAD}), else int32",
+        fingerprint_identity=identity,
+        config=to_dict(job),
+    )
+
+
+def make_plan(job: CacheJob) -> CachePlan:
+    """Validate everything that can be checked without the teacher's weights."""
+    if job.cache.dir:
+        ensure_writable(Path(job.cache.dir), "cache.dir")
+    else:
+        ensure_writable(Path(job.cache.root), "cache.root")
+    t = job.teacher
+    hf_config, tokenizer = load_config_and_tokenizer(t.model, t.revision, t.trust_remote_code)
+    vocab_size = _check_against_model(job, hf_config)
+    splits = prepare_splits(job.data, tokenizer)
+    top_id = max(int(s.input_ids.max()) for s in splits.values())
+    if top_id >= vocab_size:
+        raise DataError(f"token id {top_id} from the tokenizer is outside the teacher's vocab ({vocab_size})")
+    width = slot_width(job.cache.mode, job.cache.top_k, job.cache.samples, vocab_size)
+    teacher = teacher_identity(t.model, t.revision, hf_config)
+    data = data_identity(job.data, splits)
+    identity = _fingerprint_identity(job, teacher, tokenizer_sha256(tokenizer), data, width)
+    header = _header(job, hf_config, tokenizer, vocab_size, width, teacher, data, identity)
+    directory = Path(job.cache.dir) if job.cache.dir else Path(job.cache.root) / header.fingerprint
+    sequences = {name: len(s.input_ids) for name, s in splits.items()}
+    shards = plan_shards(sequences, job.cache.shard_size, get_format(job.cache.format).suffix)
+    return CachePlan(job, tokenizer, splits, vocab_size, width, header, directory, shards)

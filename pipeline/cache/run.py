@@ -1,0 +1,70 @@
+"""Stage 1, ``distillery cache``: plan, return at once on a cache hit, else run this part's shards and finalize.
+
+The flow: load the teacher's config and tokenizer, pack the data, compute the
+fingerprint, and return at once on a cache hit. Otherwise load the weights
+and write the shards this process owns (``teacher_pass``). The last part to
+finish assembles the manifest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.cache.config import CacheJob
+from pipeline.cache.plan import make_plan
+from pipeline.cache.teacher_pass import load_teacher, write_shards
+from pipeline.config_loading import to_yaml
+from pipeline.dist import world
+from pipeline.hf import resolve_device
+from pipeline.log import get_logger
+from storage.atomic import ensure_writable
+from storage.errors import CacheNotFoundError
+from storage.partition import num_parts, part_index, shards_of_part
+
+log = get_logger("cache")
+
+
+@dataclass
+class CacheResult:
+    directory: Path
+    hit: bool
+    shards_written: int
+
+
+def run_cache(job: CacheJob, num_tasks: int = 1, task_index: int = 0, finalize_only: bool = False) -> CacheResult:
+    """Run (or resume) this process's part of the cache; assemble the manifest when all parts are done."""
+    here = world()
+    plan = make_plan(job)
+    cache = plan.cache
+    if cache.is_complete():
+        log.info(f"cache hit: {plan.directory} already holds fingerprint {plan.fingerprint}; no teacher work needed")
+        return CacheResult(plan.directory, True, 0)
+    ensure_writable(plan.directory, "cache directory")
+    cache.claim(to_yaml(job))
+    written = 0
+    if not finalize_only:
+        parts = num_parts(num_tasks, here.size)
+        part = part_index(task_index, num_tasks, here.rank, here.size)
+        mine = [plan.shards[i] for i in shards_of_part(len(plan.shards), part, parts)]
+        todo = [s for s in mine if cache.done_record(s) is None]
+        for shard in todo:
+            cache.discard(shard)
+        log.info(f"part {part}/{parts}: {len(mine)} shards, {len(mine) - len(todo)} already complete, "
+                 f"{len(todo)} to write")
+        if todo:
+            device = resolve_device(job.device, here.local_rank)
+            times = write_shards(plan, todo, device, part, load_teacher(plan, device))
+            log.info(f"part {part}: teacher {times.teacher:.1f} s, blocked on the shard writer "
+                     f"{times.writer_wait:.1f} s, final flush {times.final_flush:.1f} s")
+        written = len(todo)
+    missing = cache.missing(plan.shards)
+    if missing:
+        if finalize_only:
+            raise CacheNotFoundError(f"cannot finalize {plan.directory}: {len(missing)} shards are missing: "
+                                     f"{missing[:10]}")
+        log.info(f"{len(missing)} shards are still being written by other parts; "
+                 "the last part to finish writes the manifest")
+        return CacheResult(plan.directory, False, written)
+    cache.assemble(plan.shards, plan.header, lambda folder: plan.tokenizer.save_pretrained(str(folder)))
+    log.info(f"wrote manifest for {len(plan.shards)} shards in {plan.directory}")
+    return CacheResult(plan.directory, False, written)

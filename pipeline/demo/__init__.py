@@ -1,0 +1,1 @@
+"""Demo and test assets: the BPE tokenizer trainer, random-init models and the shipped corpora."""

@@ -1,0 +1,149 @@
+"""Hugging Face models for both stages: device choice, loading, content hashes, and the chunked logit head."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import TeacherError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks the local rank's GPU when CUDA is available, else the CPU."""
+    if name == "auto":
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    elif name == "cuda":
+        name = f"cuda:{local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TeacherError(f"device {name!r} was requested but CUDA is not available; use device=cpu or auto")
+    return torch.device(name)
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
+
+
+def load_config_and_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False,
+                              key: str = "teacher.model"):
+    """Load a model's HF config and tokenizer without its weights; ``key`` names the setting in errors."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        raise TeacherError(f"{key} {name!r}: no such model directory")
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(name, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise TeacherError(f"{key} {name!r} could not be loaded: {exc}") from exc
+    return config, tokenizer
+
+
+def max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def load_model(name: str, device: torch.device, dtype: str = "auto", revision: str | None = None,
+               trust_remote_code: bool = False, key: str = "teacher.model"):
+    """Load a causal LM's weights in ``dtype`` (``auto``: the checkpoint's) onto ``device``, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, revision=revision, trust_remote_code=trust_remote_code, dtype=DTYPES.get(dtype, "auto"))
+    except (OSError, ValueError) as exc:
+        raise TeacherError(f"{key} {name!r}: weights could not be loaded: {exc}") from exc
+    return model.to(device).eval()
+
+
+@dataclass
+class LogitHead:
+    """The teacher's output layer applied to a chunk of hidden states.
+
+    Reproduces what the model's own forward does after the decoder: the
+    lm_head, then final-logit soft-capping where the config asks for it.
+    """
+
+    lm_head: torch.nn.Module
+    softcap: float | None
+
+    @classmethod
+    def of(cls, model) -> LogitHead:
+        return cls(model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.weight.shape[0]
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, H) model dtype -> (n, V) float32 logits."""
+        logits = self.lm_head(hidden).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) int64 -> (B, T, H) final hidden states, without computing logits."""
+    return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def check_logit_head(model, head: LogitHead, input_ids: torch.Tensor, positions: int = 32) -> None:
+    """Compare the chunked head with the model's own forward on a few positions.
+
+    Catches architectures that transform logits in ways ``LogitHead`` does
+    not reproduce, which would otherwise silently cache wrong targets.
+    """
+    ids = input_ids[:1, :positions]
+    reference = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), dim=-1)
+    ours = torch.log_softmax(head(hidden_states(model, ids)[0]), dim=-1)
+    tolerance = 1e-3 if head.lm_head.weight.dtype == torch.float32 else 5e-2
+    error = (reference - ours).abs().max().item()
+    if not error <= tolerance:
+        raise TeacherError(
+            f"the teacher's logits ({type(model).__name__}) differ from Distillery's chunked lm_head by {error:.3g}; "
+            "this architecture post-processes logits in a way Distillery does not reproduce"
+        )
+
+
+def weights_sha256(model_dir: Path) -> str | None:
+    """sha256 over ``config.json`` and the weight files of a local model folder, in sorted order."""
+    files = sorted({p for pattern in WEIGHT_PATTERNS for p in model_dir.glob(pattern)})
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in [model_dir / "config.json", *files]:
+        if not path.is_file():
+            continue
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def teacher_identity(name: str, revision: str | None, config) -> dict:
+    """Teacher name, resolved revision and, for local folders, the weight-file hash."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return {"name": name, "revision": None, "weights_sha256": weights_sha256(local)}
+    return {"name": name, "revision": getattr(config, "_commit_hash", None) or revision, "weights_sha256": None}
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """Hash of the token-to-id mapping and special tokens: what decides the ids a model sees."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = {"eos": tokenizer.eos_token, "bos": tokenizer.bos_token, "pad": tokenizer.pad_token}
+    text = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()

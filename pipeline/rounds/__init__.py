@@ -1,0 +1,1 @@
+"""Stage 3, ``distillery run``: rounds of (cache, train), state and locks, reports and Slurm scripts."""

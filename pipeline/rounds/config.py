@@ -1,0 +1,109 @@
+"""Typed config of stage 3, ``distillery run``: a pipeline of rounds, each a cache stage and a train stage.
+
+Top-level ``teacher``, ``data``, ``cache``, ``train`` and ``loss`` are the
+defaults; each entry of ``rounds`` may override any of them and must give a
+``student``. Round 1's teacher is ``teacher.model``; round n's is the final
+student of round n-1 unless the round names ``teacher.model`` itself.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.cache.config import CacheConfig, CacheJob, TeacherConfig
+from pipeline.config_loading import build_config, merge, need, raise_problems
+from pipeline.data.config import DataConfig
+from pipeline.errors import ConfigError
+from pipeline.train.config import TrainJob
+
+ROUND_KEYS = {"teacher", "data", "cache", "student", "train", "loss"}
+
+
+@dataclass
+class RunSettings:
+    dir: str = ""
+    """Run directory: ``round-N/`` folders, ``state.json``, ``report.md`` and its plots."""
+
+    def __post_init__(self):
+        raise_problems(need(bool(self.dir), "dir", "is required (the run directory)"))
+
+
+@dataclass
+class RunJob:
+    """Everything ``distillery run`` needs."""
+
+    run: RunSettings = field(default_factory=RunSettings)
+    """Where the run lives."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """Round 1's teacher, and the defaults of later rounds' explicit teachers."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Default data of every round."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """Default cache settings; ``cache.root`` is shared so experiments reuse caches."""
+    train: dict = field(default_factory=dict)
+    """Default ``train.*`` settings of every round (``out_dir`` is set per round)."""
+    loss: dict = field(default_factory=dict)
+    """Default ``loss.*`` settings of every round."""
+    rounds: list = field(default_factory=list)
+    """The rounds: each a mapping with ``student`` and optional teacher/data/cache/train/loss overrides."""
+    device: str = "auto"
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+
+    def __post_init__(self):
+        problems = [need(bool(self.rounds), "rounds", "needs at least one round"),
+                    need(not self.cache.dir, "cache.dir", "is set per round; give cache.root instead")]
+        for index in range(1, len(self.rounds) + 1):
+            problems.extend(_round_problems(self, index))
+        raise_problems(*problems)
+
+    def round_count(self) -> int:
+        return len(self.rounds)
+
+
+def _round(job: RunJob, index: int) -> dict:
+    entry = job.rounds[index - 1]
+    return entry if isinstance(entry, dict) else {}
+
+
+def round_dir(job: RunJob, index: int) -> Path:
+    return Path(job.run.dir) / f"round-{index}"
+
+
+def teacher_of(job: RunJob, index: int) -> str:
+    """Round ``index``'s teacher: explicit, round 1's configured teacher, or the previous final student."""
+    explicit = _round(job, index).get("teacher", {}).get("model")
+    if explicit:
+        return explicit
+    return job.teacher.model if index == 1 else str(round_dir(job, index - 1) / "train" / "final")
+
+
+def cache_job(job: RunJob, index: int) -> CacheJob:
+    entry = _round(job, index)
+    teacher = merge(asdict(job.teacher), {**entry.get("teacher", {}), "model": teacher_of(job, index)})
+    return build_config(CacheJob, {"teacher": teacher, "data": merge(asdict(job.data), entry.get("data", {})),
+                                   "cache": merge(asdict(job.cache), entry.get("cache", {})), "device": job.device})
+
+
+def train_job(job: RunJob, index: int, cache_dir: str) -> TrainJob:
+    entry = _round(job, index)
+    train = merge(merge(job.train, entry.get("train", {})), {"out_dir": str(round_dir(job, index) / "train")})
+    return build_config(TrainJob, {"cache": {"dir": cache_dir}, "student": entry.get("student", {}), "train": train,
+                                   "loss": merge(job.loss, entry.get("loss", {})), "device": job.device})
+
+
+def _round_problems(job: RunJob, index: int) -> list:
+    entry = job.rounds[index - 1]
+    where = f"rounds[{index - 1}]"
+    if not isinstance(entry, dict):
+        return [(where, f"must be a mapping, got {entry!r}")]
+    unknown = sorted(set(entry) - ROUND_KEYS)
+    if unknown:
+        return [(where, f"unknown keys {unknown}; a round takes {sorted(ROUND_KEYS)}")]
+    problems = []
+    for build in (lambda: cache_job(job, index), lambda: train_job(job, index, "<cache of this round>")):
+        try:
+            build()
+        except ConfigError as exc:
+            details = str(exc).removeprefix("invalid config:\n  - ").replace("\n  - ", "; ")
+            problems.append((where, details))
+    return problems

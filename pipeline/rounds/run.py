@@ -1,0 +1,87 @@
+"""Stage 3, ``distillery run``: rounds of (cache, train), each stage resumable and runnable as its own job.
+
+The run directory holds ``config.yaml``, ``state.json``, one ``round-N/``
+folder per round (``cache.json`` pointing at the shared cache, ``train/``
+with ``final/``), and ``report.md`` with its plots. A stage that is complete
+in ``state.json`` is skipped; an interrupted one resumes, because both
+stages resume by themselves.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pipeline.cache.run import run_cache
+from pipeline.config_loading import to_yaml
+from pipeline.dist import world
+from pipeline.log import get_logger
+from pipeline.rounds.config import RunJob, cache_job, round_dir, teacher_of, train_job
+from pipeline.rounds.state import stage_lock, stage_record, update_stage
+from pipeline.train.run import train_from_cache
+from storage.atomic import write_text
+from storage.errors import CacheNotFoundError
+from storage.manifest import MANIFEST_NAME
+
+STAGES = ("cache", "train")
+log = get_logger("run")
+
+
+def _cache_stage(job: RunJob, index: int, num_tasks: int, task_index: int) -> None:
+    teacher = teacher_of(job, index)
+    if index > 1 and not Path(teacher).is_dir():
+        raise CacheNotFoundError(f"round {index} needs its teacher {teacher}; run round {index - 1}'s train stage first")
+    previous = stage_record(Path(job.run.dir), index, "cache")
+    start = time.perf_counter()
+    result = run_cache(cache_job(job, index), num_tasks=num_tasks, task_index=task_index)
+    built = previous.get("built", False) or not result.hit
+    complete = (result.directory / MANIFEST_NAME).is_file()
+    write_text(round_dir(job, index) / "cache.json", json.dumps({"dir": str(result.directory)}) + "\n")
+    update_stage(Path(job.run.dir), index, "cache", status="done" if complete else "partial",
+                 dir=str(result.directory), teacher=teacher, hit=not built, built=built,
+                 seconds=previous.get("seconds", 0.0) + time.perf_counter() - start)
+    how = "built by this run" if built else "hit: reused an existing cache, no teacher work"
+    log.info(f"round {index} cache {how}: {result.directory}")
+
+
+def _train_stage(job: RunJob, index: int) -> None:
+    cache = stage_record(Path(job.run.dir), index, "cache")
+    if cache.get("status") != "done":
+        raise CacheNotFoundError(f"round {index}'s cache is not complete; run its cache stage first")
+    previous = stage_record(Path(job.run.dir), index, "train")
+    start = time.perf_counter()
+    try:
+        final = train_from_cache(train_job(job, index, cache["dir"]))
+    finally:  # preempted attempts count toward the stage's wall time too
+        seconds = previous.get("seconds", 0.0) + time.perf_counter() - start
+        update_stage(Path(job.run.dir), index, "train", seconds=seconds)
+    update_stage(Path(job.run.dir), index, "train", status="done", final=str(final))
+
+
+def run_pipeline(job: RunJob, round_index: int | None = None, stage: str | None = None,
+                 num_tasks: int = 1, task_index: int = 0) -> Path:
+    """Run the selected rounds and stages (all by default), skipping complete work; return the run dir."""
+    run_dir = Path(job.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", to_yaml(job))
+    rank = world().rank
+    rounds = [round_index] if round_index else range(1, job.round_count() + 1)
+    for index in rounds:
+        if not 1 <= index <= job.round_count():
+            raise ValueError(f"--round {index} is outside 1..{job.round_count()}")
+        for name in [stage] if stage else STAGES:
+            if stage_record(run_dir, index, name).get("status") == "done":
+                log.info(f"round {index} {name}: complete, skipped")
+                continue
+            log.info(f"==== round {index}/{job.round_count()}: {name} ====")
+            part = f"{task_index}-{rank}" if name == "cache" else "0"
+            lock = round_dir(job, index) / f".{name}.{part}.lock"
+            if name == "train" and rank != 0:
+                _train_stage(job, index)  # torchrun ranks > 0 follow rank 0, which holds the lock
+                continue
+            with stage_lock(lock):
+                if name == "cache":
+                    _cache_stage(job, index, num_tasks, task_index)
+                else:
+                    _train_stage(job, index)
+    return run_dir

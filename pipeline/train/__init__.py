@@ -1,0 +1,1 @@
+"""Stage 2, ``distillery train`` and ``pretrain``: stream soft targets (or text) into a student."""

@@ -1,0 +1,217 @@
+"""Typed configs of ``distillery train`` and ``distillery pretrain``; each field's docstring documents it."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from pipeline.config_loading import build_config, device_problem, merge, need, raise_problems
+from pipeline.data.config import DataConfig
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class SourceConfig:
+    dir: str = ""
+    """The finished cache (from ``distillery cache``) to train on."""
+    eval_dir: str | None = None
+    """Cache whose ``eval`` shards score the student; defaults to ``dir``. A top-k cache of the same teacher
+    and data gives exact KL figures when training on a sample cache."""
+    verify: bool = True
+    """Verify each shard's sha256 the first time it is opened."""
+    shuffle_buffer: int = 1024
+    """Sequences shuffled together; the reader holds only the shards one buffer touches."""
+
+    def __post_init__(self):
+        raise_problems(need(bool(self.dir), "dir", "is required: the cache directory to train on"),
+                       need(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1"))
+
+
+@dataclass
+class StudentConfig:
+    model: str | None = None
+    """Path or hub id of a pretrained student, loaded with ``from_pretrained``."""
+    config: dict | None = None
+    """Hugging Face config fields for a random init, e.g. ``{model_type: llama, hidden_size: 128}``;
+    ``vocab_size`` defaults to the cache's."""
+    from_teacher: str | None = None
+    """Path of a checkpoint whose embeddings, head and ``layers`` are copied (DistilBERT style)."""
+    layers: list | None = None
+    """Layer indices kept by ``from_teacher``; default every other layer."""
+    seed: int = 0
+    """Seed of the random initialisation."""
+
+    def __post_init__(self):
+        given = [k for k in ("model", "config", "from_teacher") if getattr(self, k)]
+        raise_problems(need(len(given) == 1, "model", f"set exactly one of student.model, student.config, "
+                                                       f"student.from_teacher (got {given or 'none'})"),
+                       need(self.config is None or "model_type" in self.config, "config",
+                             "needs model_type (e.g. llama or gpt2)"))
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["forward_kl", "reverse_kl", "jsd", "ce"] = "forward_kl"
+    """KD divergence on the soft targets, or ``ce`` for hard labels only."""
+    tail: Literal["bucket", "ground_truth", "renormalize"] = "bucket"
+    """Top-k tail handling: one extra bucket, mass to the true token, or dropped and renormalised."""
+    alpha: float = 0.0
+    """Weight of hard-label CE: ``alpha * CE + (1 - alpha) * KD``."""
+    beta: float = 0.5
+    """JSD mixture weight (GKD): 0 gives forward KL, 1 reverse KL."""
+    temperature: float | None = None
+    """KD temperature; re-tempers the cached log-probs when it differs from the cache's. Default: the cache's."""
+    teacher_live: str | None = None
+    """Path of a teacher run at every step for full-vocabulary forward KL (the online reference)."""
+
+    def __post_init__(self):
+        raise_problems(need(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}"),
+                       need(0.0 <= self.beta <= 1.0, "beta", f"must be in [0, 1], got {self.beta}"),
+                       need(self.temperature is None or self.temperature > 0, "temperature", "must be > 0"))
+
+
+@dataclass
+class LiveTeacherConfig:
+    """How the teacher named by ``loss.teacher_live`` is loaded."""
+
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Weight dtype of the live teacher; ``auto`` keeps the checkpoint's dtype."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the live teacher."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with the live teacher's checkpoint to run. Only enable for repos you trust."""
+
+
+@dataclass
+class PhaseConfig:
+    steps: int = 0
+    """Optimizer steps in this phase."""
+    lr: float | None = None
+    """Peak learning rate of this phase; default ``train.lr``."""
+    loss: dict = field(default_factory=dict)
+    """Loss fields overriding the top-level ``loss`` in this phase, e.g. ``{kind: ce}``."""
+
+    def __post_init__(self):
+        raise_problems(need(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}"))
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = ""
+    """Output directory: ``checkpoints/``, ``metrics.jsonl``, ``config.yaml``, ``final/``."""
+    steps: int = 100
+    """Optimizer steps (ignored when ``phases`` is set: their steps add up)."""
+    batch_size: int = 8
+    """Sequences per micro-batch per rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at ``lr * min_lr_ratio``."""
+    warmup_steps: int = 10
+    """Linear warmup steps at the start of each phase."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Max gradient norm; 0 disables clipping."""
+    seed: int = 0
+    """Seed of data order and initialisation."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (0: only the final model)."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept."""
+    eval_every: int = 100
+    """Steps between held-out evaluations (0: only at the end)."""
+    eval_batches: int | None = None
+    """Cap on held-out batches per evaluation; ``null`` uses all."""
+    log_every: int = 10
+    """Steps between training-loss records in ``metrics.jsonl``."""
+    resume: Literal["auto", "never"] = "auto"
+    """``auto`` continues from the latest checkpoint in ``out_dir``."""
+    phases: list = field(default_factory=list)
+    """Optional schedule: a list of ``{steps, lr, loss}`` phases, e.g. CE first, then KD."""
+    chunk_size: int = 1024
+    """Positions per student-logit chunk in the loss (bounds the fp32 (positions x vocab) memory)."""
+    num_workers: int = 0
+    """DataLoader worker processes for the cache reader (a prefetch thread always runs)."""
+
+    def __post_init__(self):
+        raise_problems(
+            need(bool(self.out_dir), "out_dir", "is required"),
+            need(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}"),
+            need(self.batch_size >= 1, "batch_size", "must be >= 1"),
+            need(self.grad_accum >= 1, "grad_accum", "must be >= 1"),
+            need(self.lr > 0, "lr", "must be > 0"),
+            need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]"),
+            need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0"),
+            need(self.chunk_size >= 1, "chunk_size", "must be >= 1"),
+            need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1"),
+            need(self.num_workers >= 0, "num_workers", "must be >= 0"),
+        )
+
+
+@dataclass
+class Phase:
+    """One resolved phase of the schedule."""
+
+    steps: int
+    lr: float
+    loss: LossConfig
+
+
+def resolve_phases(train: TrainConfig, loss: LossConfig) -> list[Phase]:
+    """The schedule as a list of phases; a single phase when ``train.phases`` is empty."""
+    if not train.phases:
+        return [Phase(train.steps, train.lr, loss)]
+    phases, problems = [], []
+    for i, raw in enumerate(train.phases):
+        try:
+            phase = build_config(PhaseConfig, raw if isinstance(raw, dict) else {"steps": raw})
+            phases.append(Phase(phase.steps, phase.lr or train.lr, build_config(LossConfig, merge(asdict(loss), phase.loss))))
+        except ConfigError as exc:
+            details = str(exc).removeprefix("invalid config:\n  - ").replace("\n  - ", "; ")
+            problems.append((f"train.phases[{i}]", details))
+    raise_problems(*problems)
+    return phases
+
+
+@dataclass
+class TrainJob:
+    """Everything ``distillery train`` needs."""
+
+    cache: SourceConfig = field(default_factory=SourceConfig)
+    """The cached soft targets."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """The model being trained."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, schedule, checkpoints and evaluation."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The distillation objective."""
+    live_teacher: LiveTeacherConfig = field(default_factory=LiveTeacherConfig)
+    """Loading options of ``loss.teacher_live``."""
+    device: str = "auto"
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+
+    def __post_init__(self):
+        raise_problems(device_problem(self.device))
+        resolve_phases(self.train, self.loss)
+
+
+@dataclass
+class PretrainJob:
+    """``distillery pretrain``: the same loop with CE on raw text and no cache."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Text to train on; ``holdout_fraction`` gives the held-out split."""
+    tokenizer: str = ""
+    """Tokenizer folder (or hub id) used to tokenize ``data`` and saved with the model."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """The model being trained."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, checkpoints and evaluation."""
+    device: str = "auto"
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+
+    def __post_init__(self):
+        raise_problems(need(bool(self.tokenizer), "tokenizer", "is required (a tokenizer folder)"),
+                       device_problem(self.device))

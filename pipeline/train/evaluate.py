@@ -1,0 +1,138 @@
+"""Held-out metrics, computed one way for both uses: against cached targets, or against a live teacher.
+
+``kl`` is KL(teacher || student) per token, ``ce`` / ``ppl`` the loss on the
+hard next token, ``top1`` the agreement of the student's argmax with the
+teacher's, ``ece`` the expected calibration error of the student's top-1
+against the hard next token (15 equal-width bins). Positions with
+``loss_mask = 0`` (padding, prompts) are left out. A metric with no tokens to
+average over is ``None``, never a division by zero.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from pipeline.hf import LogitHead, hidden_states
+from pipeline.train.losses import cross_entropy, dense_forward_kl, kd_loss
+from pipeline.train.step import LossFacts, labels_and_masks
+from storage.manifest import read_manifest
+from storage.reader import sequential_batches
+
+ECE_BINS = 15
+
+
+class CalibrationBins:
+    """Expected calibration error of the top-1 prediction, accumulated chunk by chunk in equal-width bins."""
+
+    def __init__(self):
+        self.sums = torch.zeros(3, ECE_BINS, dtype=torch.float64)  # count, confidence sum, correct sum
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Bin (N, V) logits against (N,) labels where ``mask``; return the (N,) top-1 predictions."""
+        confidence, predicted = torch.softmax(logits.float(), -1).max(-1)
+        which = (confidence.double() * ECE_BINS).long().clamp(max=ECE_BINS - 1)[mask].cpu()
+        for row, values in enumerate((torch.ones_like(confidence), confidence, (predicted == labels).float())):
+            self.sums[row].index_add_(0, which, values.double()[mask].cpu())
+        return predicted
+
+    def ece(self) -> float | None:
+        count = self.sums[0].sum()
+        return None if count == 0 else ((self.sums[1] - self.sums[2]).abs().sum() / count).item()
+
+
+class HeldOutMetrics:
+    """Token sums of every metric; ``result`` turns them into averages."""
+
+    def __init__(self):
+        self.ce = self.kl = 0.0
+        self.ce_tokens = self.kd_tokens = self.agree = 0
+        self.calibration = CalibrationBins()
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, ce_mask: torch.Tensor, kd_mask: torch.Tensor,
+            kl: torch.Tensor | None = None, teacher_top1: torch.Tensor | None = None) -> None:
+        """One chunk: (N, V) student logits, (N,) labels and masks, per-token ``kl`` and teacher argmax ids."""
+        self.ce += (cross_entropy(logits, labels) * ce_mask).sum().item()
+        self.ce_tokens += int(ce_mask.sum())
+        predicted = self.calibration.add(logits, labels, ce_mask)
+        if kl is not None:
+            self.kl += (kl * kd_mask).sum().item()
+            self.agree += int(((predicted == teacher_top1) & kd_mask).sum())
+            self.kd_tokens += int(kd_mask.sum())
+
+    def result(self) -> dict:
+        ce = self.ce / self.ce_tokens if self.ce_tokens else None
+        return {"ce": ce, "ppl": math.exp(min(ce, 50.0)) if ce is not None else None,
+                "ece": self.calibration.ece(), "tokens": self.ce_tokens,
+                "kl": self.kl / self.kd_tokens if self.kd_tokens else None,
+                "top1": self.agree / self.kd_tokens if self.kd_tokens else None}
+
+
+def _flat_inputs(batch: dict[str, torch.Tensor]):
+    labels, kd_mask, ce_mask = (t.reshape(-1) for t in labels_and_masks(batch))
+    return labels, kd_mask, ce_mask
+
+
+@torch.no_grad()
+def evaluate(model, head: LogitHead, batches: Iterator[dict[str, torch.Tensor]], facts: LossFacts,
+             device: torch.device, chunk_size: int, max_batches: int | None = None) -> dict:
+    """Metrics against the cached targets of the held-out batches.
+
+    ``kl`` is forward KL with the tail bucket at the cache temperature (the
+    T² loss scale undone). On a sample-mode cache it is the plug-in estimate
+    over the drawn ids; score with a top-k ``cache.eval_dir`` for exact
+    comparisons. ``top1`` compares with the teacher's most probable stored id.
+    """
+    was_training = model.training
+    model.eval()
+    metrics = HeldOutMetrics()
+    for index, batch in enumerate(batches):
+        if max_batches is not None and index >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels, kd_mask, ce_mask = _flat_inputs(batch)
+        flat = hidden_states(model, batch["input_ids"]).reshape(labels.shape[0], -1)
+        cached = "topk_ids" in batch
+        if cached:
+            width = batch["topk_ids"].shape[-1]
+            ids, logprobs = batch["topk_ids"].reshape(-1, width), batch["topk_logprobs"].reshape(-1, width)
+            tails = batch["tail_logprob"].reshape(-1)
+        for lo in range(0, flat.shape[0], chunk_size):
+            hi = min(lo + chunk_size, flat.shape[0])
+            logits = head(flat[lo:hi])[:, : facts.real_vocab]
+            kl = top1 = None
+            if cached:
+                t = facts.cache_temperature
+                kl = kd_loss(logits, ids[lo:hi], logprobs[lo:hi], tails[lo:hi], labels[lo:hi], temperature=t,
+                             cache_temperature=t, real_vocab=facts.real_vocab) / t**2
+                top1 = ids[lo:hi, 0]
+            metrics.add(logits, labels[lo:hi], ce_mask[lo:hi], kd_mask[lo:hi], kl, top1)
+    model.train(was_training)
+    return metrics.result()
+
+
+@torch.no_grad()
+def score_against_teacher(student_dir: Path, teacher_dir: Path, cache_dir: Path, batch_size: int = 8,
+                          max_batches: int | None = None) -> dict:
+    """Metrics of a saved student against a live teacher, on a cache's eval split.
+
+    Every student, whatever it was trained on, is measured the same way:
+    ``kl`` over the whole vocabulary, ``top1`` against the teacher's argmax.
+    """
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(str(student_dir)).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir)).eval()
+    real_vocab = read_manifest(cache_dir).tokenizer_length
+    s_head, t_head = LogitHead.of(student), LogitHead.of(teacher)
+    metrics = HeldOutMetrics()
+    for index, batch in enumerate(sequential_batches(cache_dir, "eval", batch_size)):
+        if max_batches is not None and index >= max_batches:
+            break
+        labels, kd_mask, ce_mask = _flat_inputs(batch)
+        s_logits = s_head(hidden_states(student, batch["input_ids"]).reshape(labels.shape[0], -1))[:, :real_vocab]
+        t_logits = t_head(hidden_states(teacher, batch["input_ids"]).reshape(labels.shape[0], -1))[:, :real_vocab]
+        metrics.add(s_logits, labels, ce_mask, kd_mask, dense_forward_kl(s_logits, t_logits), t_logits.argmax(-1))
+    return metrics.result()

@@ -1,0 +1,50 @@
+"""Entry points of ``distillery train`` (a student from a cache) and ``distillery pretrain`` (CE on raw text)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config_loading import to_yaml
+from pipeline.data.pack import prepare_splits
+from pipeline.dist import world
+from pipeline.errors import ConfigError
+from pipeline.train.config import LossConfig, Phase, PretrainJob, TrainJob, resolve_phases
+from pipeline.train.recipe import TrainingRecipe
+from pipeline.train.sources import BatchSource, cache_source, text_source
+from storage.stream import StreamOrder
+
+
+def _check_retempering(source: BatchSource, phases: list[Phase], cache_dir: str) -> None:
+    """Sampled counts carry no logits, so a sample or hybrid cache trains only at its own temperature."""
+    for index, phase in enumerate(phases):
+        retempered = phase.loss.temperature not in (None, source.temperature)
+        kd = phase.loss.kind != "ce" and not phase.loss.teacher_live
+        if source.mode in ("sample", "hybrid") and retempered and kd:
+            raise ConfigError(
+                f"loss.temperature {phase.loss.temperature} (phase {index}) differs from the temperature of "
+                f"{source.mode}-mode cache {cache_dir} ({source.temperature}); sampled counts cannot be re-tempered, "
+                f"so cache again with cache.temperature={phase.loss.temperature}")
+
+
+def train_from_cache(job: TrainJob) -> Path:
+    """Distil a student from the cached soft targets in ``job.cache.dir``."""
+    here = world()
+    order = StreamOrder(job.train.batch_size, job.train.seed, job.cache.shuffle_buffer, here.rank, here.size)
+    source = cache_source(job.cache.dir, job.cache.eval_dir, order, job.cache.verify, job.train.num_workers)
+    phases = resolve_phases(job.train, job.loss)
+    _check_retempering(source, phases, job.cache.dir)
+    recipe = TrainingRecipe(source, job.student, job.train, phases, job.device, to_yaml(job), job.live_teacher)
+    recipe.setup()
+    return recipe.train()
+
+
+def pretrain(job: PretrainJob) -> Path:
+    """Train a model with cross-entropy on raw text (the demo teacher, or a CE-only baseline)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(job.tokenizer)
+    splits = prepare_splits(job.data, tokenizer)
+    source = text_source(splits, tokenizer, job.train.batch_size, job.train.seed, world())
+    phases = [Phase(job.train.steps, job.train.lr, LossConfig(kind="ce"))]
+    recipe = TrainingRecipe(source, job.student, job.train, phases, job.device, to_yaml(job))
+    recipe.setup()
+    return recipe.train()

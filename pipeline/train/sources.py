@@ -1,0 +1,99 @@
+"""Where training batches come from: a finished cache, or packed raw text for ``pretrain``.
+
+Both give the trainer the same things: a resumable training stream, a
+held-out pass, the tokenizer, and the facts the loss needs. ``mode`` says
+which targets the batches carry: ``topk``, ``sample`` or ``hybrid`` for a
+cache, ``text`` for raw text.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.data.pack import PackedSplit
+from pipeline.dist import World
+from pipeline.log import get_logger
+from storage.manifest import read_manifest
+from storage.reader import SoftTargetStream, sequential_batches, to_tensors
+from storage.stream import StreamOrder, StreamState, iterate_batches
+
+Batch = dict[str, torch.Tensor]
+log = get_logger("train")
+
+
+@dataclass
+class BatchSource:
+    """A training stream factory plus everything the loop needs to know about the data."""
+
+    stream: Callable[[StreamState], Iterator[Batch]]
+    eval_batches: Callable[[], Iterator[Batch]] | None
+    batches_per_epoch: int
+    tokenizer: object
+    vocab_size: int  # the cache teacher's output dimension (or the tokenizer's length for raw text)
+    real_vocab: int  # ids at or beyond this are padding rows, ignored by the loss
+    temperature: float
+    mode: str  # topk | sample | hybrid | text
+
+
+class ArrayRows:
+    """In-memory sequences with the ``gather`` interface of ``storage.stream.ShardRows``."""
+
+    def __init__(self, split: PackedSplit):
+        self.arrays = {"input_ids": split.input_ids, "loss_mask": split.loss_mask}
+
+    def gather(self, samples: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: array[samples] for name, array in self.arrays.items()}
+
+
+def cache_source(cache_dir: str, eval_dir: str | None, order: StreamOrder, verify: bool,
+                 num_workers: int) -> BatchSource:
+    """Batches of a finished cache's train split; held-out batches from ``eval_dir`` (default: the same cache)."""
+    from transformers import AutoTokenizer
+
+    manifest = read_manifest(cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(cache_dir) / manifest.tokenizer_dir))
+
+    def stream(start: StreamState) -> Iterator[Batch]:
+        dataset = SoftTargetStream(cache_dir, order, start=start, verify=verify)
+        return iter(DataLoader(dataset, batch_size=None, num_workers=num_workers))
+
+    probe = SoftTargetStream(cache_dir, order, verify=False)
+    held_out = eval_dir or cache_dir
+    has_eval = bool(read_manifest(held_out).shards_for("eval"))
+    if not has_eval:
+        log.warning(f"{held_out} has no eval shards; evaluation is skipped")
+    return BatchSource(
+        stream=stream,
+        eval_batches=(lambda: sequential_batches(held_out, "eval", order.batch_size, verify)) if has_eval else None,
+        batches_per_epoch=probe.batches_per_epoch,
+        tokenizer=tokenizer,
+        vocab_size=manifest.vocab_size,
+        real_vocab=manifest.tokenizer_length,
+        temperature=manifest.temperature,
+        mode=manifest.mode,
+    )
+
+
+def text_source(splits: dict[str, PackedSplit], tokenizer, batch_size: int, seed: int, here: World) -> BatchSource:
+    """Batches of packed raw text held in memory; the whole train split is one shuffle block."""
+    train = splits["train"]
+    sequences = len(train.input_ids)
+    order = StreamOrder(batch_size, seed, shuffle_buffer=sequences, rank=here.rank, world_size=here.size)
+
+    def stream(start: StreamState) -> Iterator[Batch]:
+        return (to_tensors(b) for b in iterate_batches(ArrayRows(train), [sequences], order, start))
+
+    def eval_batches() -> Iterator[Batch]:
+        held = splits["eval"]
+        for lo in range(0, len(held.input_ids), batch_size):
+            yield to_tensors({"input_ids": held.input_ids[lo : lo + batch_size],
+                              "loss_mask": held.loss_mask[lo : lo + batch_size]})
+
+    return BatchSource(stream=stream, eval_batches=eval_batches if "eval" in splits else None,
+                       batches_per_epoch=sequences // here.size // batch_size, tokenizer=tokenizer,
+                       vocab_size=len(tokenizer), real_vocab=len(tokenizer), temperature=1.0, mode="text")

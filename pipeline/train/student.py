@@ -1,0 +1,86 @@
+"""Build the student: pretrained, random-init from HF config fields, or layers copied from a teacher."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError, TeacherError
+from pipeline.hf import tokenizer_sha256
+from pipeline.train.config import StudentConfig
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")
+
+
+def _decoder_layers(model) -> nn.ModuleList:
+    """The ModuleList of transformer blocks (``model.layers`` in Llama, ``transformer.h`` in GPT-2)."""
+    base = model.base_model
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(base, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise TeacherError(f"cannot find the decoder layers of {type(model).__name__} to copy a layer selection")
+
+
+def _select_layers(model, keep: list[int]):
+    layers = _decoder_layers(model)
+    bad = [i for i in keep if not 0 <= i < len(layers)]
+    if bad or not keep:
+        raise ConfigError(f"student.layers {keep} must be non-empty indices in [0, {len(layers)})")
+    kept = nn.ModuleList([layers[i] for i in keep])
+    for new_index, layer in enumerate(kept):
+        attention = getattr(layer, "self_attn", None) or getattr(layer, "attn", None)
+        if attention is not None and hasattr(attention, "layer_idx"):
+            attention.layer_idx = new_index  # KV-cache slots follow the new numbering
+    base = model.base_model
+    setattr(base, "layers" if hasattr(base, "layers") else "h", kept)
+    for key in LAYER_COUNT_KEYS:
+        if hasattr(model.config, key):
+            setattr(model.config, key, len(keep))
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    return model
+
+
+def build_student(cfg: StudentConfig, cache_vocab: int, tokenizer) -> nn.Module:
+    """The student model in fp32, checked against the cache's vocabulary and tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.model or cfg.from_teacher:
+        path = cfg.model or cfg.from_teacher
+        try:
+            own = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except (OSError, ValueError) as exc:
+            raise TeacherError(f"student model {path!r} could not be loaded: {exc}") from exc
+        if tokenizer_sha256(own) != tokenizer_sha256(tokenizer):
+            raise ConfigError(
+                f"the tokenizer of student {path!r} (sha256 {tokenizer_sha256(own)[:12]}) differs from the cache's "
+                f"(sha256 {tokenizer_sha256(tokenizer)[:12]}); the student must share the teacher's vocabulary"
+            )
+        if cfg.from_teacher:
+            layers = _decoder_layers(model)
+            model = _select_layers(model, cfg.layers if cfg.layers is not None else list(range(0, len(layers), 2)))
+    else:
+        fields = dict(cfg.config)
+        model_type = fields.pop("model_type")
+        fields.setdefault("vocab_size", cache_vocab)
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            fields.setdefault(key, getattr(tokenizer, key))
+        try:
+            config = AutoConfig.for_model(model_type, **fields)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"student.config: {exc}") from exc
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    check_vocab(model, cache_vocab, len(tokenizer))
+    return model
+
+
+def check_vocab(model, cache_vocab: int, tokenizer_length: int) -> None:
+    """The student must cover every real token; padded rows beyond the tokenizer are ignored by the loss."""
+    student_vocab = model.get_output_embeddings().weight.shape[0]
+    if student_vocab < tokenizer_length:
+        raise ConfigError(
+            f"the student's vocab size {student_vocab} is smaller than the cache's tokenizer ({tokenizer_length} tokens; "
+            f"the cache's teacher outputs {cache_vocab}); give the student vocab_size >= {tokenizer_length}"
+        )

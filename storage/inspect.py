@@ -1,0 +1,76 @@
+"""``distillery inspect`` and ``verify``: summarise a finished cache from its manifest and shards."""
+from __future__ import annotations
+
+import numpy as np
+
+from storage.formats import get_format
+from storage.manifest import Manifest
+
+
+def _shard_stats(arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    """Sums over unmasked positions: top-1 probability, tail mass, entropy and stored ids.
+
+    The entropy runs over the stored ids plus one tail bucket, so it is a
+    lower bound for top-k caches.
+    """
+    lp = arrays["topk_logprobs"].astype(np.float64)
+    tail = arrays["tail_logprob"].astype(np.float64)
+    probs = np.exp(lp)
+    tail_p = np.exp(tail)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        entropy = -np.nansum(np.where(probs > 0, probs * lp, 0.0), axis=-1)
+        entropy -= np.where(tail_p > 0, tail_p * tail, 0.0)
+    keep = arrays["loss_mask"].astype(bool)
+    unique = (arrays["topk_ids"] >= 0).sum(axis=-1)
+    return {"top1": float(probs[..., 0][keep].sum()), "tail": float(tail_p[keep].sum()),
+            "entropy": float(entropy[keep].sum()), "ids": float(unique[keep].sum()), "positions": int(keep.sum())}
+
+
+def summarize(manifest: Manifest) -> dict:
+    """Totals from the manifest plus distribution statistics read from every shard."""
+    fmt = get_format(manifest.format)
+    totals = {"top1": 0.0, "tail": 0.0, "entropy": 0.0, "ids": 0.0, "positions": 0}
+    for record in manifest.shards:
+        stats = _shard_stats(fmt.read(manifest.shard_path(record)))
+        for key in totals:
+            totals[key] += stats[key]
+    n = max(totals["positions"], 1)
+    return {
+        "directory": str(manifest.directory),
+        "fingerprint": manifest.fingerprint,
+        "teacher": manifest.teacher.get("name"),
+        "mode": manifest.mode,
+        "width": manifest.width,
+        "format": manifest.format,
+        "vocab_size": manifest.vocab_size,
+        "seq_len": manifest.seq_len,
+        "shards": len(manifest.shards),
+        "splits": manifest.splits,
+        "tokens": manifest.tokens,
+        "bytes": manifest.bytes,
+        "bytes_per_token": manifest.bytes / max(manifest.tokens, 1),
+        "mean_unique_ids": totals["ids"] / n,
+        "mean_top1_prob": totals["top1"] / n,
+        "mean_tail_mass": totals["tail"] / n,
+        "mean_entropy_nats": totals["entropy"] / n,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    splits = ", ".join(f"{name}: {s['sequences']} seqs / {s['tokens']} tokens in {s['shards']} shards"
+                       for name, s in summary["splits"].items())
+    lines = [
+        f"cache        {summary['directory']}",
+        f"fingerprint  {summary['fingerprint']}",
+        f"teacher      {summary['teacher']} (vocab {summary['vocab_size']})",
+        f"targets      {summary['mode']}, width {summary['width']}, {summary['format']} shards, "
+        f"seq_len {summary['seq_len']}",
+        f"splits       {splits}",
+        f"size         {summary['bytes'] / 1e6:.2f} MB, {summary['bytes_per_token']:.1f} bytes/token",
+        f"unique ids   {summary['mean_unique_ids']:.2f} per position (of {summary['width']} slots; "
+        "drives the size of a sample cache)",
+        f"top-1 prob   {summary['mean_top1_prob']:.4f} (mean over unmasked positions)",
+        f"tail mass    {summary['mean_tail_mass']:.4f}",
+        f"entropy      {summary['mean_entropy_nats']:.4f} nats (stored ids + tail bucket)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,203 @@
+"""The write protocol of a cache directory: claim, shards and done records, then the manifest.
+
+1. ``claim`` writes ``fingerprint.json`` before any shard, so a directory is
+   never shared by two configurations.
+2. Each shard is written atomically by a background thread, then gets a
+   ``<shard>.done.json`` record holding its checksum. Parallel parts write
+   disjoint shards and need no communication.
+3. Once every planned shard has a valid record, ``assemble`` copies the
+   tokenizer and writes ``manifest.json`` last; it is the completion marker.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from storage.atomic import atomic_write, remove_path, stale_temporaries, write_json, write_text
+from storage.errors import FingerprintMismatchError, ForeignDirectoryError, ManifestError
+from storage.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ShardRecord,
+    read_manifest,
+    shard_bytes,
+    shard_sha256,
+    write_manifest,
+)
+
+IDENTITY_NAME = "fingerprint.json"
+CONFIG_NAME = "config.yaml"
+TOKENIZER_DIR = "tokenizer"
+DONE_SUFFIX = ".done.json"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard of the cache: sequences [start, start + count) of ``split``."""
+
+    split: str
+    index: int
+    start: int
+    count: int
+    suffix: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:05d}{self.suffix}"
+
+
+def plan_shards(sequences: dict[str, int], shard_size: int, suffix: str) -> list[ShardPlan]:
+    """Cut every split into shards of ``shard_size`` sequences; train first, then eval."""
+    plans = []
+    for split in sorted(sequences, key=lambda s: (s != "train", s)):
+        for index, start in enumerate(range(0, sequences[split], shard_size)):
+            plans.append(ShardPlan(split, index, start, min(shard_size, sequences[split] - start), suffix))
+    return plans
+
+
+def done_record_path(shard_path: Path) -> Path:
+    return shard_path.with_name(shard_path.name + DONE_SUFFIX)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path} is not valid JSON ({exc})") from None
+
+
+class CacheDirectory:
+    """One cache directory of one fingerprint, and every step of writing it."""
+
+    def __init__(self, path: Path, fingerprint: str):
+        self.path, self.fingerprint = Path(path), fingerprint
+
+    def is_complete(self) -> bool:
+        """True for a finished cache of this fingerprint; raises if it holds another cache."""
+        if not (self.path / MANIFEST_NAME).is_file():
+            return False
+        found = read_manifest(self.path).fingerprint
+        if found != self.fingerprint:
+            raise FingerprintMismatchError(
+                f"{self.path} already holds a cache with fingerprint {found}, but these settings give "
+                f"{self.fingerprint}; use another cache.dir, or cache.root to keep caches side by side")
+        return True
+
+    def claim(self, config_yaml: str) -> None:
+        """Mark the directory as this fingerprint's cache; refuse another cache's files or unrelated ones."""
+        # fingerprint.json is always written first, so a listing that shows other files shows it too.
+        entries = [p.name for p in self.path.iterdir() if not p.name.startswith(".")]
+        if IDENTITY_NAME in entries:
+            found = _read_json(self.path / IDENTITY_NAME).get("fingerprint")
+            if found != self.fingerprint:
+                raise FingerprintMismatchError(
+                    f"{self.path} holds a partial cache with fingerprint {found}, but these settings give "
+                    f"{self.fingerprint}; use another cache.dir, or delete that directory to discard it")
+        elif entries:
+            raise ForeignDirectoryError(
+                f"cache.dir {self.path} is not empty and is not a Distillery cache; choose an empty directory")
+        write_json(self.path / IDENTITY_NAME, {"fingerprint": self.fingerprint})
+        write_text(self.path / CONFIG_NAME, config_yaml)
+
+    def done_record(self, plan: ShardPlan) -> ShardRecord | None:
+        """The record of a complete shard, or None when the shard must be (re)written."""
+        path = self.path / plan.name
+        record_path = done_record_path(path)
+        if not (record_path.is_file() and path.exists()):
+            return None
+        try:
+            record = _read_json(record_path)
+        except ManifestError:
+            return None  # a torn record from a killed writer: rewrite the shard
+        if record.get("fingerprint") != self.fingerprint or shard_sha256(path) != record.get("sha256"):
+            return None
+        return ShardRecord(**{k: record[k] for k in ("path", "split", "sequences", "tokens", "bytes", "sha256")})
+
+    def discard(self, plan: ShardPlan) -> None:
+        """Remove a partial or invalid shard, its record and any temporaries of killed writers."""
+        path = self.path / plan.name
+        record = done_record_path(path)
+        for leftover in [path, record, *stale_temporaries(self.path, path.name),
+                         *stale_temporaries(self.path, record.name)]:
+            remove_path(leftover)
+
+    def missing(self, plans: list[ShardPlan]) -> list[str]:
+        return [p.name for p in plans if not done_record_path(self.path / p.name).is_file()]
+
+    def write_shard(self, plan: ShardPlan, shard_format, arrays: dict[str, np.ndarray], level: int) -> None:
+        """Write one shard atomically, then its done record."""
+        path = self.path / plan.name
+        shard_format.write(path, arrays, level)
+        record = ShardRecord(plan.name, plan.split, plan.count, int(arrays["input_ids"].size), shard_bytes(path),
+                             shard_sha256(path))
+        write_json(done_record_path(path), {**asdict(record), "fingerprint": self.fingerprint, "plan": asdict(plan)})
+
+    def assemble(self, plans: list[ShardPlan], header: Manifest, save_tokenizer: Callable[[Path], None]) -> Path:
+        """Copy the tokenizer (``save_tokenizer(folder)``), then write ``manifest.json`` last."""
+        shards = []
+        for plan in plans:
+            record = self.done_record(plan)
+            if record is None:
+                raise ManifestError(f"shard {self.path / plan.name} is missing or corrupt; "
+                                    "rerun `distillery cache` to rebuild it")
+            shards.append(record)
+        with atomic_write(self.path / TOKENIZER_DIR) as tmp:
+            save_tokenizer(tmp)
+        splits: dict[str, dict] = {}
+        for shard in shards:
+            totals = splits.setdefault(shard.split, {"shards": 0, "sequences": 0, "tokens": 0, "bytes": 0})
+            totals["shards"] += 1
+            for key in ("sequences", "tokens", "bytes"):
+                totals[key] += getattr(shard, key)
+        manifest = replace(header, fingerprint=self.fingerprint, tokenizer_dir=TOKENIZER_DIR, splits=splits,
+                           shards=shards)
+        return write_manifest(self.path, manifest)
+
+
+class BackgroundShardWriter:
+    """Writes submitted shards on ``threads`` worker threads; at most ``depth`` more wait in memory.
+
+    Shards are independent files with their own done records, so they may
+    finish in any order. Compression and hashing release the GIL, which lets
+    several threads keep up with a fast GPU teacher.
+    """
+
+    def __init__(self, cache: CacheDirectory, shard_format, level: int, depth: int = 2, threads: int = 1):
+        self.cache, self.format, self.level = cache, shard_format, level
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._threads = [threading.Thread(target=self._run, name=f"shard-writer-{i}", daemon=True)
+                         for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, plan: ShardPlan, arrays: dict[str, np.ndarray]) -> None:
+        self._raise_if_failed()
+        self._queue.put((plan, arrays))
+
+    def close(self) -> None:
+        """Wait for every submitted shard to be on disk; re-raise a writer error."""
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"writing a shard to {self.cache.path} failed: {self._error}") from self._error
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    plan, arrays = item
+                    self.cache.write_shard(plan, self.format, arrays, self.level)
+                except BaseException as exc:  # surfaced to the producer by submit/close
+                    self._error = exc
