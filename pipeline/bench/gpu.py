@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from pipeline.bench.run import markdown_table
 from pipeline.bench.stage1 import measure_one
 from pipeline.bench.stage2 import step_ratios
 from pipeline.demo.tokenizer import CORPUS, build_tokenizer
+from pipeline.log import get_logger
 from storage.atomic import atomic_write, write_text
 
 # Vendor datasheet figures for dense bf16 matrix math without sparsity, TFLOP/s.
@@ -40,6 +40,8 @@ QUICK = {"teacher": {**LLAMA_1B, "hidden_size": 64, "intermediate_size": 128, "n
                      "num_attention_heads": 2, "num_key_value_heads": 2},
          "seq_len": 64, "batch": 4, "chunk": 128, "tokens": 8192, "train_batch": 2,
          "loss_chunk": 32}
+
+log = get_logger("bench")
 
 
 def build_teacher(tokenizer_dir: Path, out_dir: Path, fields: dict, device: torch.device) -> int:
@@ -86,7 +88,7 @@ def run(out: Path, quick: bool) -> dict:
     chip, peak = chip_peak_tflops()
     results: dict = {"device": chip, "torch": torch.__version__, "teacher_params": params,
                      "teacher_build_s": time.perf_counter() - started, "stage1": [], "stage2": []}
-    print(json.dumps(results), file=sys.stderr, flush=True)
+    log.info(json.dumps(results))
     flops = forward_flops_per_token(size["teacher"], size["seq_len"])
     caches = {}
     for mode in (["cache.mode=topk", "cache.top_k=64"], ["cache.mode=sample", "cache.samples=50"]):
@@ -101,7 +103,7 @@ def run(out: Path, quick: bool) -> dict:
             record[f"{key}_fraction_of_peak"] = tflops / peak if peak else None
         results["stage1"].append(record)
         caches[record["mode"]] = cache_dir
-        print(json.dumps(record), file=sys.stderr, flush=True)
+        log.info(json.dumps(record))
     for chunk in (size["loss_chunk"], size["train_batch"] * size["seq_len"]):
         results["stage2"].append(step_ratios(caches["topk"], caches["sample"], teacher, size["student"],
                                              size["train_batch"], rounds=10, device=device, chunk_size=chunk))

@@ -29,7 +29,10 @@ from pipeline.cache.plan import make_plan
 from pipeline.cache.teacher_pass import batch_targets, load_teacher, write_shards
 from pipeline.config_loading import load_config, to_yaml
 from pipeline.hf import LogitHead, resolve_device
+from pipeline.log import get_logger
 from storage.manifest import read_manifest
+
+log = get_logger("bench")
 
 
 def peak_rss_mb_of_this_process() -> float:
@@ -143,7 +146,7 @@ def run_settings(settings: list[list[str]]) -> list[dict]:
         out = subprocess.run([sys.executable, "-m", "pipeline.bench.stage1", *overrides],
                              check=True, capture_output=True, text=True)
         records.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(json.dumps(records[-1]), file=sys.stderr, flush=True)
+        log.info(json.dumps(records[-1]))
     return records
 
 

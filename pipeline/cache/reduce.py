@@ -1,7 +1,8 @@
 """Reduce full-vocabulary logits to sparse soft targets, on the logits' device.
 
-Both reductions take (n, V) float32 logits for n positions and return
-``ids`` (n, W) int64, ``logprobs`` (n, W) float32 and ``tail`` (n,) float32.
+The three reductions (``topk_targets``, ``sample_targets``, ``hybrid_targets``)
+take (n, V) float32 logits for n positions and return ``ids`` (n, W) int64,
+``logprobs`` (n, W) float32 and ``tail`` (n,) float32.
 """
 from __future__ import annotations
 

@@ -1,0 +1,72 @@
+"""The folder listing is the architecture: module sizes, docstrings, and the README's tree of the code."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = sorted(p.relative_to(ROOT).as_posix() for package in ("pipeline", "storage")
+                 for p in (ROOT / package).rglob("*.py"))
+# Declarative tables may run longer than a function should.
+LONG_TABLES = {"pipeline/cli.py:build_parser"}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_is_small_and_says_what_it_owns(module):
+    source = (ROOT / module).read_text()
+    tree = ast.parse(source)
+    docstring = ast.get_docstring(tree)
+    assert docstring and docstring.splitlines()[0].strip(), f"{module} needs a one-line docstring"
+    assert source.count("\n") <= 300, f"{module} has {source.count(chr(10))} lines; split it along the flow"
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and f"{module}:{node.name}" not in LONG_TABLES:
+            length = node.end_lineno - node.lineno + 1
+            assert length <= 60, f"{module}:{node.name} is {length} lines long"
+
+
+def readme_tree() -> set[str]:
+    """The modules listed in the README's architecture block, as repo-relative paths."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- layout -->\n```\n(.*?)```", readme, re.S)
+    assert block, "README.md needs the architecture tree between <!-- layout --> and a code fence"
+    paths, stack = set(), []
+    for line in block.group(1).splitlines():
+        name = line.strip().split()[0] if line.strip() else ""
+        if not name:
+            continue
+        depth = (len(line) - len(line.lstrip())) // 2
+        stack = stack[:depth]
+        if name.endswith("/"):
+            stack.append(name.rstrip("/"))
+        elif name.endswith(".py"):
+            paths.add("/".join([*stack, name]))
+    return paths
+
+
+def test_readme_tree_matches_the_code():
+    listed = readme_tree()
+    actual = {m for m in MODULES if not m.endswith("__init__.py")}
+    assert listed == actual, f"missing from README: {sorted(actual - listed)}; stale: {sorted(listed - actual)}"
+
+
+def test_layering_contracts_hold_and_catch_an_upward_import(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    lint = Path(sys.executable).with_name("lint-imports")
+    for name in ("pipeline", "storage", "pyproject.toml"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, tmp_path / name)
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    clean = subprocess.run([str(lint)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stdout[-2000:]
+    recipe = tmp_path / "pipeline" / "train" / "recipe.py"
+    recipe.write_text(recipe.read_text().replace("from pipeline import preempt\n",
+                                                 "from pipeline import preempt\nimport pipeline.rounds.state\n"))
+    broken = subprocess.run([str(lint)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert broken.returncode != 0
+    assert "pipeline.train.recipe -> pipeline.rounds.state" in broken.stdout
