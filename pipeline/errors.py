@@ -1,4 +1,7 @@
-"""Errors raised by the pipeline stages; each subclasses the built-in a caller expects."""
+"""User-facing errors of the pipeline stages (the CLI exits 2 on them); each subclasses the built-in a caller expects.
+
+Storage errors (unwritable or foreign directories, corrupt caches) live in ``storage.errors``.
+"""
 
 
 class ConfigError(ValueError):
@@ -19,7 +22,3 @@ class DataError(ValueError):
 
 class TeacherError(ValueError):
     """The teacher model or tokenizer cannot be used as configured."""
-
-
-class OutputError(OSError):
-    """An output directory cannot be created or written."""

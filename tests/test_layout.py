@@ -70,3 +70,26 @@ def test_layering_contracts_hold_and_catch_an_upward_import(tmp_path):
     broken = subprocess.run([str(lint)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert broken.returncode != 0
     assert "pipeline.train.recipe -> pipeline.rounds.state" in broken.stdout
+
+
+def test_a_wheel_ships_the_templates_and_assets(tmp_path):
+    """`distillery slurm` and the demo read package data, which must work outside an editable checkout."""
+    import subprocess
+    import sys
+    import zipfile
+
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+                            "-w", str(tmp_path / "wheel")], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    with zipfile.ZipFile(next((tmp_path / "wheel").glob("*.whl"))) as wheel:
+        wheel.extractall(tmp_path / "site")
+    script = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+              "import pipeline; assert pipeline.__file__.startswith(sys.argv[1]), pipeline.__file__\n"
+              "from pipeline.rounds.slurm import render\n"
+              "from pipeline.demo.tokenizer import CORPUS, QA_CORPUS\n"
+              "assert CORPUS.is_file() and QA_CORPUS.is_file()\n"
+              "print(len(render('c.yaml', 1, 2, sys.argv[2], 'run')))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "site"), str(tmp_path / "scripts")],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["3"]
