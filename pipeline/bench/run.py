@@ -4,9 +4,9 @@ Sections: ``storage``, ``stage1``, ``stage2``, ``quality`` and ``scaling``,
 each a list of flat records. Comparisons run interleaved in one process
 (or one run) and report medians with min-max spreads. Everything is built
 locally: the 8k BPE, a random-init 17M teacher for throughput, and the
-demo teacher (pretrained on the corpus, reused from ``runs/demo`` when
-present) for quality. ``--quick`` shrinks everything to a smoke test of the
-benchmark itself, never a timing.
+pretrained teacher given with ``--teacher`` (``make bench`` passes the demo
+teacher) for storage fidelity and quality. ``--quick`` shrinks everything to a
+smoke test of the benchmark itself, never a timing.
 """
 from __future__ import annotations
 

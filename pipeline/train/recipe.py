@@ -149,8 +149,10 @@ class TrainingRecipe:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.wait.add(began, fetched, time.perf_counter())
-        step_tokens = int(all_reduce_sum(torch.tensor([sum(b["input_ids"].numel() for b in micro)]), self.world))
-        return float(all_reduce_sum(torch.tensor([local_loss], dtype=torch.float64), self.world)), lr, step_tokens
+        # One collective for both figures: the global mean loss is the sum of the ranks' shares.
+        totals = torch.tensor([local_loss, sum(b["input_ids"].numel() for b in micro)], dtype=torch.float64)
+        loss, step_tokens = all_reduce_sum(totals, self.world).tolist()
+        return loss, lr, int(step_tokens)
 
     def _sum_gradients_over_ranks(self) -> None:
         if self.world.size == 1:
