@@ -64,10 +64,11 @@ def _replace_directory(tmp: Path, final: Path) -> None:
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write a file or a directory at; on success move it onto ``path``.
 
-    Readers see either the old ``path`` or the complete new one, never a
-    partial write. A file replaces its old version in one ``os.replace``; a
-    directory goes through ``_replace_directory``. On error the temporary is
-    removed and ``path`` is left as it was.
+    Readers never see a partial write. A file replaces its old version in one
+    ``os.replace``, so readers see the old file or the new one. A directory
+    goes through ``_replace_directory``: readers see the old copy, the new one,
+    or, for the instant between two renames, no directory at all. On error the
+    temporary is removed and ``path`` is left as it was.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)

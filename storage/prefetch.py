@@ -18,20 +18,24 @@ def prefetch(source: Iterator[T], depth: int) -> Iterator[T]:
     items: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(item) -> bool:
+        """Hand ``item`` over unless the consumer stopped; never blocks past a stop."""
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def run():
         try:
             for item in source:
-                while not stop.is_set():
-                    try:
-                        items.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            items.put(_DONE)
+            put(_DONE)
         except BaseException as exc:  # handed to the consumer
-            items.put(exc)
+            put(exc)
 
     thread = threading.Thread(target=run, name="prefetch", daemon=True)
     thread.start()

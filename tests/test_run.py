@@ -19,6 +19,7 @@ from pipeline.demo.tokenizer import QA_CORPUS
 from pipeline.rounds.slurm import render
 from pipeline.rounds.state import LockHeldError, stage_lock
 from pipeline.train import recipe as train_module
+from pipeline.train.evaluate import score_against_teacher
 
 STUDENT_A = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "num_attention_heads": 2, "num_key_value_heads": 2}
@@ -67,7 +68,29 @@ def finals_equal(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_two_round_run_writes_exactly_its_files(first_run):
+def held_out_kl(student_dir: Path, teacher_dir: Path, cache_dir: Path) -> float:
+    """Full-vocabulary KL(teacher || student) per loss-mask token of a cache's eval split, from the models' own
+    forward passes (not Distillery's chunked head)."""
+    from transformers import AutoModelForCausalLM
+
+    from storage.manifest import read_manifest
+    from storage.reader import sequential_batches
+
+    student = AutoModelForCausalLM.from_pretrained(str(student_dir)).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir)).eval()
+    vocab = read_manifest(cache_dir).tokenizer_length
+    total = tokens = 0.0
+    with torch.no_grad():
+        for batch in sequential_batches(cache_dir, "eval", 16):
+            s = torch.log_softmax(student(batch["input_ids"]).logits[..., :vocab].float(), -1)
+            t = torch.log_softmax(teacher(batch["input_ids"]).logits[..., :vocab].float(), -1)
+            mask = batch["loss_mask"]
+            total += float(((t.exp() * (t - s)).sum(-1) * mask).sum())
+            tokens += float(mask.sum())
+    return total / tokens
+
+
+def test_two_round_run_writes_exactly_its_files(first_run, llama_dir):
     root, _ = first_run
     run = root / "run"
     visible = {p.name for p in run.iterdir() if not p.name.startswith(".")}
@@ -84,7 +107,15 @@ def test_two_round_run_writes_exactly_its_files(first_run):
     assert report.count("\n| 1 |") == 1 and report.count("\n| 2 |") == 1 and "![kl.png](kl.png)" in report
     rows = json.loads((run / "report.json").read_text())
     assert rows[1]["student params"] < rows[0]["student params"]
-    assert rows[0]["KL to teacher"] == rows[0]["KL to original"] and rows[1]["KL to original"] > 0
+    finals = [run / f"round-{i}" / "train" / "final" for i in (1, 2)]
+    caches = [Path(json.loads((run / f"round-{i}" / "cache.json").read_text())["dir"]) for i in (1, 2)]
+    for row, final, cache_dir in zip(rows, finals, caches, strict=True):
+        assert row["KL to original"] == pytest.approx(score_against_teacher(final, llama_dir, cache_dir)["kl"], rel=1e-6)
+        assert row["KL to original"] == pytest.approx(held_out_kl(final, llama_dir, cache_dir), rel=1e-5)
+    # Round 2's own teacher is round 1's student: its KL to it is not its KL to the original teacher.
+    to_round_1 = held_out_kl(finals[1], finals[0], caches[1])
+    assert rows[1]["KL to teacher"] == pytest.approx(to_round_1, rel=1e-5)
+    assert abs(rows[1]["KL to teacher"] - rows[1]["KL to original"]) > 0.05 * rows[1]["KL to original"]
 
 
 def test_chat_round_trains_on_assistant_tokens(first_run):
