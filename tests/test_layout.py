@@ -93,3 +93,17 @@ def test_a_wheel_ships_the_templates_and_assets(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["3"]
+
+
+def test_only_dist_reads_the_torchrun_environment():
+    pattern = re.compile(r"environ(\.get)?\W+(RANK|WORLD_SIZE|LOCAL_RANK)")
+    readers = [m for m in MODULES if pattern.search((ROOT / m).read_text())]
+    assert readers == ["pipeline/dist.py"]
+
+
+def test_benchmarks_use_the_storage_writer_and_no_working_directory():
+    for module in (m for m in MODULES if m.startswith("pipeline/bench/")):
+        source = (ROOT / module).read_text()
+        assert "manifest.json" not in source and "write_json" not in source, f"{module} writes a manifest by hand"
+        assert '"runs/' not in source and "Path.cwd" not in source and "getcwd" not in source, module
+        assert not re.search(r"from pipeline\.\S+ import .*\b_[a-z]", source), f"{module} imports a private name"
