@@ -132,11 +132,19 @@ class CacheDirectory:
 
     def write_shard(self, plan: ShardPlan, shard_format, arrays: dict[str, np.ndarray], level: int) -> None:
         """Write one shard atomically, then its done record."""
+        self.mark_done(plan, self.encode_shard(plan, shard_format, arrays, level))
+
+    def encode_shard(self, plan: ShardPlan, shard_format, arrays: dict[str, np.ndarray], level: int) -> ShardRecord:
+        """Encode, compress and write one shard atomically, and hash it; the shard is not done yet."""
         path = self.path / plan.name
         shard_format.write(path, arrays, level)
-        record = ShardRecord(plan.name, plan.split, plan.count, int(arrays["input_ids"].size), shard_bytes(path),
-                             shard_sha256(path))
-        write_json(done_record_path(path), {**asdict(record), "fingerprint": self.fingerprint, "plan": asdict(plan)})
+        return ShardRecord(plan.name, plan.split, plan.count, int(arrays["input_ids"].size), shard_bytes(path),
+                           shard_sha256(path))
+
+    def mark_done(self, plan: ShardPlan, record: ShardRecord) -> None:
+        """Write the shard's done record: from now on resumes keep it and the manifest lists it."""
+        path = done_record_path(self.path / plan.name)
+        write_json(path, {**asdict(record), "fingerprint": self.fingerprint, "plan": asdict(plan)})
 
     def assemble(self, plans: list[ShardPlan], header: Manifest, save_tokenizer: Callable[[Path], None]) -> Path:
         """Copy the tokenizer (``save_tokenizer(folder)``), then write ``manifest.json`` last."""
