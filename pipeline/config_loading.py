@@ -5,8 +5,11 @@ in one ``ConfigError``, so a user fixes a config in one pass.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -184,10 +187,6 @@ def raise_problems(*checks: tuple[str, str] | None) -> None:
 
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of a dataclass, read from its source."""
-    import ast
-    import inspect
-    import textwrap
-
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):

@@ -30,13 +30,18 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
 
 
+def _check_local(name: str, key: str) -> None:
+    """A path that is not a folder gets this one line, not the hub's message about repo ids."""
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        raise TeacherError(f"{key} {name!r}: no such model directory")
+
+
 def load_config_and_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False,
                               key: str = "teacher.model"):
     """Load a model's HF config and tokenizer without its weights; ``key`` names the setting in errors."""
     from transformers import AutoConfig, AutoTokenizer
 
-    if _looks_local(name) and not Path(name).expanduser().is_dir():
-        raise TeacherError(f"{key} {name!r}: no such model directory")
+    _check_local(name, key)
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(name, **kwargs)
@@ -59,6 +64,7 @@ def load_model(name: str, device: torch.device, dtype: str = "auto", revision: s
     """Load a causal LM's weights in ``dtype`` (``auto``: the checkpoint's) onto ``device``, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    _check_local(name, key)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, revision=revision, trust_remote_code=trust_remote_code, dtype=DTYPES.get(dtype, "auto"))

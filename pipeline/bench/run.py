@@ -68,10 +68,10 @@ def stage1_settings(out: Path, teacher: Path, size: dict) -> list[list[str]]:
     return settings[: size["subset"]]
 
 
-def _quality_teacher(teacher: Path | None, quick: bool, tokenizer: Path, out: Path) -> Path:
-    """The pretrained teacher given with ``--teacher``; a random one in quick mode."""
+def _given_teacher(teacher: Path | None, quick: bool) -> Path | None:
+    """The pretrained teacher given with ``--teacher``, checked before any work; quick mode may go without."""
     if quick and teacher is None:
-        return build_model(tokenizer, out / "quick-teacher", hidden=QUICK["hidden"], layers=1, heads=2)
+        return None
     if teacher is None or not (teacher / "config.json").is_file():
         raise CacheNotFoundError(f"bench --teacher {teacher}: no model folder there; `make bench` pretrains the "
                                  "demo teacher first (runs/demo/teacher/final), or pass any causal LM folder")
@@ -103,12 +103,13 @@ def run_bench(out: str | Path, quick: bool = False, teacher: str | Path | None =
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     tokenizer = out / f"tokenizer-{size['vocab']}"
+    given = _given_teacher(Path(teacher).resolve() if teacher else None, quick)  # fail before any work
     if not tokenizer.exists():
         build_tokenizer(tokenizer, vocab_size=size["vocab"])
     random_teacher = out / f"teacher-h{size['hidden']}-l{size['layers']}"
     if not random_teacher.exists():
         build_model(tokenizer, random_teacher, hidden=size["hidden"], layers=size["layers"], heads=size["heads"])
-    teacher = _quality_teacher(Path(teacher).resolve() if teacher else None, quick, tokenizer, out)
+    teacher = given or build_model(tokenizer, out / "quick-teacher", hidden=size["hidden"], layers=1, heads=2)
     results: dict = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
                                  "threads": torch.get_num_threads()}}
 

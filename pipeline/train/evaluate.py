@@ -70,11 +70,6 @@ class HeldOutMetrics:
                 "top1": self.agree / self.kd_tokens if self.kd_tokens else None}
 
 
-def _flat_inputs(batch: dict[str, torch.Tensor]):
-    labels, kd_mask, ce_mask = (t.reshape(-1) for t in labels_and_masks(batch))
-    return labels, kd_mask, ce_mask
-
-
 @torch.no_grad()
 def evaluate(model, head: LogitHead, batches: Iterator[dict[str, torch.Tensor]], facts: LossFacts,
              device: torch.device, chunk_size: int, max_batches: int | None = None) -> dict:
@@ -92,7 +87,7 @@ def evaluate(model, head: LogitHead, batches: Iterator[dict[str, torch.Tensor]],
         if max_batches is not None and index >= max_batches:
             break
         batch = {k: v.to(device) for k, v in batch.items()}
-        labels, kd_mask, ce_mask = _flat_inputs(batch)
+        labels, kd_mask, ce_mask = (t.reshape(-1) for t in labels_and_masks(batch))
         flat = hidden_states(model, batch["input_ids"]).reshape(labels.shape[0], -1)
         cached = "topk_ids" in batch
         if cached:
@@ -131,7 +126,7 @@ def score_against_teacher(student_dir: Path, teacher_dir: Path, cache_dir: Path,
     for index, batch in enumerate(sequential_batches(cache_dir, "eval", batch_size)):
         if max_batches is not None and index >= max_batches:
             break
-        labels, kd_mask, ce_mask = _flat_inputs(batch)
+        labels, kd_mask, ce_mask = (t.reshape(-1) for t in labels_and_masks(batch))
         s_logits = s_head(hidden_states(student, batch["input_ids"]).reshape(labels.shape[0], -1))[:, :real_vocab]
         t_logits = t_head(hidden_states(teacher, batch["input_ids"]).reshape(labels.shape[0], -1))[:, :real_vocab]
         metrics.add(s_logits, labels, ce_mask, kd_mask, dense_forward_kl(s_logits, t_logits), t_logits.argmax(-1))
