@@ -9,8 +9,16 @@ class CacheNotFoundError(CacheError, FileNotFoundError):
     """A cache directory, manifest or shard is missing."""
 
 
+class BatchTooLargeError(CacheError, ValueError):
+    """A global batch asks for more sequences than a split holds."""
+
+
 class ChecksumError(CacheError, ValueError):
     """A shard's bytes do not match the sha256 recorded for it."""
+
+
+class DirectoryInUseError(CacheError, BlockingIOError):
+    """Another live process holds an output directory's lock."""
 
 
 class FingerprintMismatchError(CacheError, ValueError):

@@ -3,7 +3,8 @@
 Batches are dicts of tensors:
 ``input_ids`` (B, T) int64, ``topk_ids`` (B, T, W) int64 (-1 in unused slots),
 ``topk_logprobs`` (B, T, W) float32, ``tail_logprob`` (B, T) float32 and
-``loss_mask`` (B, T) bool.
+``loss_mask`` (B, T) bool; training batches also carry ``sample_index`` (B,)
+int64, the global index of each sequence in the split.
 """
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from storage.errors import CacheNotFoundError
+from storage.errors import BatchTooLargeError, CacheNotFoundError
 from storage.formats import get_format
 from storage.manifest import Manifest, read_manifest
 from storage.stream import ShardRows, StreamOrder, StreamState, iterate_batches
 
 BATCH_DTYPES = {"input_ids": np.int64, "topk_ids": np.int64, "topk_logprobs": np.float32,
-                "tail_logprob": np.float32, "loss_mask": np.bool_}
+                "tail_logprob": np.float32, "loss_mask": np.bool_, "sample_index": np.int64}
 
 
 def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -68,15 +69,17 @@ class SoftTargetStream(IterableDataset):
         self.sizes = ShardLoader(self.manifest, split, verify=False).sizes
         if not self.sizes:
             raise CacheNotFoundError(f"cache {directory} has no {split!r} shards")
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"batch size {order.batch_size} x {order.world_size} ranks exceeds the {sum(self.sizes)} {split} "
-                f"sequences of {directory}; lower train.batch_size"
+        if self.steps_per_epoch == 0:
+            raise BatchTooLargeError(
+                f"the global batch of {order.global_batch} (batch size {order.batch_size} x {order.world_size} ranks "
+                f"x {order.grad_accum} accumulation) exceeds the {sum(self.sizes)} {split} sequences of {directory}; "
+                "lower train.batch_size or train.grad_accum"
             )
 
     @property
-    def batches_per_epoch(self) -> int:
-        return sum(self.sizes) // self.order.world_size // self.order.batch_size
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps (global batches) per pass over the split."""
+        return self.order.steps_per_epoch(sum(self.sizes))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()

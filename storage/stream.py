@@ -3,14 +3,19 @@
 The sample order of an epoch is a pure function of (seed, epoch, shard sizes):
 shards are shuffled, then samples are shuffled inside consecutive blocks of
 ``shuffle_buffer`` samples, so a reader only needs the few shards a block
-touches. Each rank takes an equal share (the ``n mod world_size`` samples at
-the end of the shuffled order are left out of that epoch, so DDP ranks never
-disagree on the number of steps). Batches are dealt round-robin to DataLoader
-workers in the order the DataLoader collects them, so the stream a rank sees
-does not depend on the number of workers.
+touches. Training consumes that order in *global batches* of
+B x W x A samples (micro-batch, world size, accumulation): global batch g is
+positions [g*BWA, (g+1)*BWA) of the order, rank r takes the r-th run of B*A of
+them, and micro-batch m is the m-th run of B within that. The samples of one
+optimizer step therefore do not depend on W or A, only on their product, and
+a job may resume on another number of ranks. The ``n mod BWA`` samples at the
+end of an epoch's order are left out of it. Micro-batches are dealt
+round-robin to DataLoader workers in the order the DataLoader collects them,
+so the stream a rank sees does not depend on the number of workers.
 """
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,26 +27,29 @@ from storage.prefetch import prefetch
 
 @dataclass(frozen=True)
 class StreamState:
-    """Where a rank's stream stands: the next batch to yield is ``batch`` of ``epoch``."""
+    """Where a job's stream stands: ``samples`` global samples (whole global batches) are consumed."""
 
-    epoch: int = 0
-    batch: int = 0
-
-    def advance(self, batches: int, batches_per_epoch: int) -> StreamState:
-        """The state after consuming ``batches`` more batches."""
-        total = self.epoch * batches_per_epoch + self.batch + batches
-        return StreamState(total // batches_per_epoch, total % batches_per_epoch)
+    samples: int = 0
 
 
 @dataclass(frozen=True)
 class StreamOrder:
-    """What fixes the batches a rank sees: batch size, seed, shuffle block, and its place among the ranks."""
+    """What fixes the batches a rank sees: micro-batch size, seed, shuffle block, and its place in the job."""
 
     batch_size: int
     seed: int = 0
     shuffle_buffer: int = 1024
     rank: int = 0
     world_size: int = 1
+    grad_accum: int = 1
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step over every rank and micro-batch."""
+        return self.batch_size * self.world_size * self.grad_accum
+
+    def steps_per_epoch(self, samples: int) -> int:
+        return samples // self.global_batch
 
 
 def epoch_order(shard_sizes: list[int], seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
@@ -56,17 +64,13 @@ def epoch_order(shard_sizes: list[int], seed: int, epoch: int, shuffle_buffer: i
     return order
 
 
-def rank_samples(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """This rank's samples: every ``world_size``-th of an equal-length prefix of ``order``."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside [0, {world_size})")
-    usable = len(order) // world_size * world_size
-    return order[:usable][rank::world_size]
-
-
-def worker_batches(first: int, stop: int, worker: int, num_workers: int) -> range:
-    """Batch indices in [first, stop) that DataLoader worker ``worker`` produces, in order."""
-    return range(first + worker, stop, num_workers)
+def micro_batch_samples(epoch_samples: np.ndarray, micro: int, order: StreamOrder) -> np.ndarray:
+    """The samples of this rank's ``micro``-th micro-batch of an epoch (counting over its global batches)."""
+    if not 0 <= order.rank < order.world_size:
+        raise ValueError(f"rank {order.rank} is outside [0, {order.world_size})")
+    step, m = divmod(micro, order.grad_accum)
+    first = step * order.global_batch + (order.rank * order.grad_accum + m) * order.batch_size
+    return epoch_samples[first : first + order.batch_size]
 
 
 class ShardRows:
@@ -103,23 +107,28 @@ class ShardRows:
 
 
 def iterate_batches(rows: ShardRows, shard_sizes: list[int], order: StreamOrder, start: StreamState, *,
-                    worker: int = 0, num_workers: int = 1, loop: bool = True,
-                    depth: int = 4) -> Iterator[dict[str, np.ndarray]]:
-    """Yield this (rank, worker)'s batches from ``start`` on, prefetched on a background thread."""
-    size = order.batch_size
+                    worker: int = 0, num_workers: int = 1, depth: int = 4) -> Iterator[dict[str, np.ndarray]]:
+    """Yield this (rank, worker)'s micro-batches from ``start`` on, endlessly, prefetched on a background thread.
+
+    Micro-batches are numbered across epochs, so the round-robin deal to
+    workers stays in step over epoch boundaries. Each batch also carries
+    ``sample_index`` (B,) int64: its samples' global indices, for audit logs.
+    """
+    steps = order.steps_per_epoch(sum(shard_sizes))
+    if steps == 0:
+        raise ValueError(f"global batch {order.global_batch} exceeds the {sum(shard_sizes)} samples of an epoch")
+    if start.samples % order.global_batch:
+        raise ValueError(f"stream position {start.samples} is not a multiple of the global batch {order.global_batch}")
+    per_epoch = steps * order.grad_accum
+    first = start.samples // order.global_batch * order.grad_accum
 
     def produce():
-        epoch, first = start.epoch, start.batch
-        while True:
-            samples = rank_samples(epoch_order(shard_sizes, order.seed, epoch, order.shuffle_buffer), order.rank,
-                                   order.world_size)
-            stop = len(samples) // size
-            if stop == 0:
-                raise ValueError(f"batch size {size} exceeds the {len(samples)} samples a rank gets per epoch")
-            for b in worker_batches(first, stop, worker, num_workers):
-                yield rows.gather(samples[b * size : (b + 1) * size])
-            if not loop:
-                return
-            epoch, first = epoch + 1, 0
+        epoch, samples = -1, None
+        for micro in itertools.count(first + worker, num_workers):
+            if micro // per_epoch != epoch:
+                epoch = micro // per_epoch
+                samples = epoch_order(shard_sizes, order.seed, epoch, order.shuffle_buffer)
+            picked = micro_batch_samples(samples, micro % per_epoch, order)
+            yield {**rows.gather(picked), "sample_index": picked}
 
     return prefetch(produce(), depth)

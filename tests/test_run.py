@@ -99,7 +99,7 @@ def test_two_round_run_writes_exactly_its_files(first_run, llama_dir):
     for index in (1, 2):
         assert {p.name for p in (run / f"round-{index}").iterdir()} == {"cache.json", "train"}
         assert {p.name for p in (run / f"round-{index}" / "train").iterdir()} == {
-            "checkpoints", "config.yaml", "final", "metrics.jsonl"}
+            ".lock", "checkpoints", "config.yaml", "final", "metrics.jsonl"}
     state = json.loads((run / "state.json").read_text())["rounds"]
     assert all(state[r][s]["status"] == "done" for r in ("1", "2") for s in ("cache", "train"))
     assert state["1"]["cache"]["built"] and state["2"]["cache"]["teacher"].endswith("round-1/train/final")

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from storage.errors import ChecksumError
 from storage.manifest import read_manifest
 from storage.reader import SoftTargetStream, sequential_batches
-from storage.stream import ShardRows, StreamOrder, StreamState, epoch_order, rank_samples, worker_batches
+from storage.stream import ShardRows, StreamOrder, StreamState, epoch_order, micro_batch_samples
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +34,14 @@ def test_epoch_order_is_a_seeded_permutation():
     assert not np.array_equal(a, epoch_order(sizes, seed=2, epoch=0, shuffle_buffer=4))
 
 
-@pytest.mark.parametrize("n,world", [(16, 1), (16, 3), (17, 4), (5, 5)])
-def test_rank_split_is_disjoint_equal_and_nearly_covering(n, world):
-    order = epoch_order([n], 0, 0, 8)
-    parts = [rank_samples(order, r, world) for r in range(world)]
-    assert len({len(p) for p in parts}) == 1
-    joined = np.concatenate(parts)
-    assert len(set(joined.tolist())) == len(joined) == n - n % world
-
-
-def test_worker_batches_interleave_to_the_rank_order():
-    dealt = [list(worker_batches(3, 11, w, 3)) for w in range(3)]
-    round_robin = [d[i] for i in range(max(map(len, dealt))) for d in dealt if i < len(d)]
-    assert round_robin == list(range(3, 11))
+@pytest.mark.parametrize("world,accum", [(1, 4), (2, 2), (4, 1)])
+def test_a_step_takes_the_same_samples_whatever_the_world_size(world, accum):
+    """Rank-major, then micro-batch order, the micro-batches of a step are one run of the epoch's order."""
+    order = epoch_order([7, 30, 11], seed=0, epoch=0, shuffle_buffer=8)
+    for step in range(3):
+        taken = [micro_batch_samples(order, step * accum + m, StreamOrder(2, rank=r, world_size=world, grad_accum=accum))
+                 for r in range(world) for m in range(accum)]
+        assert np.array_equal(np.concatenate(taken), order[step * 8 : (step + 1) * 8])
 
 
 def test_shard_rows_keep_at_most_max_open_shards():
@@ -71,29 +66,35 @@ def test_stream_yields_typed_batches(cache_dir):
 
 
 def test_resume_state_continues_exactly(cache_dir):
-    stream = SoftTargetStream(cache_dir, StreamOrder(2, seed=3, shuffle_buffer=4))
-    per_epoch = stream.batches_per_epoch
+    order = StreamOrder(2, seed=3, shuffle_buffer=4)
+    stream = SoftTargetStream(cache_dir, order)
+    per_epoch = stream.steps_per_epoch
     full = take(iter(stream), per_epoch + 3)  # crosses an epoch boundary
-    state = StreamState().advance(per_epoch - 2, per_epoch)
+    state = StreamState((per_epoch - 2) * order.global_batch)
     restored = StreamState(**json.loads(json.dumps(state.__dict__)))  # as a checkpoint's state.json stores it
-    resumed = take(iter(SoftTargetStream(cache_dir, StreamOrder(2, seed=3, shuffle_buffer=4), start=restored)), 5)
-    for a, b in zip(full[per_epoch - 2 :], resumed):
+    resumed = take(iter(SoftTargetStream(cache_dir, order, start=restored)), 5)
+    for a, b in zip(full[per_epoch - 2 :], resumed, strict=True):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["topk_ids"], b["topk_ids"])
+        assert torch.equal(a["sample_index"], b["sample_index"])
 
 
 def test_order_does_not_depend_on_worker_count(cache_dir):
-    stream = SoftTargetStream(cache_dir, StreamOrder(2, seed=5))
-    plain = take(iter(DataLoader(stream, batch_size=None, num_workers=0)), 6)
-    workers = take(iter(DataLoader(stream, batch_size=None, num_workers=2)), 6)
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(plain, workers))
+    """Five micro-batches an epoch, dealt to two workers: the deal must stay in step across epochs."""
+    total = sum(s.sequences for s in read_manifest(cache_dir).shards_for("train"))
+    stream = SoftTargetStream(cache_dir, StreamOrder(total // 5, seed=5))
+    assert stream.steps_per_epoch == 5
+    plain = take(iter(DataLoader(stream, batch_size=None, num_workers=0)), 12)
+    workers = take(iter(DataLoader(stream, batch_size=None, num_workers=2)), 12)
+    assert all(torch.equal(a["sample_index"], b["sample_index"]) for a, b in zip(plain, workers, strict=True))
+    assert not torch.equal(plain[0]["sample_index"], plain[5]["sample_index"])  # epoch 1 has its own order
 
 
 def test_ranks_see_disjoint_samples_and_equal_steps(cache_dir):
     streams = [SoftTargetStream(cache_dir, StreamOrder(2, rank=r, world_size=2)) for r in range(2)]
-    assert streams[0].batches_per_epoch == streams[1].batches_per_epoch > 0
+    assert streams[0].steps_per_epoch == streams[1].steps_per_epoch > 0
     seen = [set() for _ in streams]
     for r, stream in enumerate(streams):
-        for batch in take(iter(stream), stream.batches_per_epoch):
+        for batch in take(iter(stream), stream.steps_per_epoch):
             seen[r] |= {tuple(row.tolist()) for row in batch["input_ids"]}
     assert not seen[0] & seen[1]
 

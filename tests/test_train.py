@@ -1,11 +1,8 @@
-"""End-to-end student training on tiny models: outputs, resume, phases, students, pretrain, online KD, DDP."""
+"""End-to-end student training on tiny models: outputs, resume, phases, students, pretrain, online KD."""
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -59,7 +56,7 @@ def masked_mean(values, mask):
 
 def test_outputs_resume_bitwise_and_final_generates(tmp_path, topk_cache, monkeypatch):
     whole = train(train_args(topk_cache, tmp_path / "whole"))
-    assert {p.name for p in (tmp_path / "whole").iterdir()} == {"checkpoints", "config.yaml", "final", "metrics.jsonl"}
+    assert {p.name for p in (tmp_path / "whole").iterdir()} == {".lock", "checkpoints", "config.yaml", "final", "metrics.jsonl"}
     assert [p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()] != []
     assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) == ["step-00000008", "step-00000012"]
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in whole.iterdir()}
@@ -249,35 +246,3 @@ def test_hybrid_cache_trains_end_to_end(tmp_path, llama_dir, corpus_jsonl):
     assert losses[0] == pytest.approx(masked_mean(per_position, batch["loss_mask"]), rel=1e-4)
     with pytest.raises(ConfigError, match="hybrid-mode cache"):
         train(train_args(directory, tmp_path / "p", **{"loss.temperature": 2.0}))
-
-
-def test_ddp_two_processes_gloo(tmp_path, topk_cache):
-    """2 ranks x batch 4 must train exactly what 1 process x 2 accumulated micro-batches of 4 trains.
-
-    Both see the same 8 samples at every step: rank r takes every 2nd sample of the shuffled order and
-    accumulation takes consecutive batches, so step s covers positions [8(s-1), 8s) of the order either way
-    (4 steps stay inside the first epoch of 513 sequences). With losses normalised by global token counts and
-    gradients summed over ranks, the logged losses and the final weights agree up to float summation order.
-    """
-    settings = {"train.steps": 4, "train.checkpoint_every": 2}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline.cli",
-         "train", *train_args(topk_cache, tmp_path / "o", **settings)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert [r["step"] for r in records(tmp_path / "o", "train")] == [1, 2, 3, 4]
-    assert sorted(p.name for p in (tmp_path / "o" / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
-
-    train(train_args(topk_cache, tmp_path / "one", **settings, **{"train.grad_accum": 2}))
-    ddp_losses = [r["loss"] for r in records(tmp_path / "o", "train")]
-    one_losses = [r["loss"] for r in records(tmp_path / "one", "train")]
-    assert ddp_losses == pytest.approx(one_losses, rel=1e-5)
-    ddp = load_file(tmp_path / "o" / "final" / "model.safetensors")
-    one = load_file(tmp_path / "one" / "final" / "model.safetensors")
-    last = load_file(tmp_path / "o" / "checkpoints" / "step-00000004" / "model.safetensors")
-    assert ddp.keys() == one.keys() == last.keys()
-    for name in ddp:
-        torch.testing.assert_close(ddp[name], one[name], atol=1e-5, rtol=0, msg=name)
-        assert torch.equal(ddp[name], last[name]), name

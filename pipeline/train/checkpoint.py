@@ -1,18 +1,25 @@
-"""Training checkpoints: written atomically as one directory, loaded without unpickling code.
+"""Training checkpoints: one directory per step, written by every rank with ``torch.distributed.checkpoint``.
 
-A checkpoint holds ``model.safetensors``, ``optimizer.pt`` and ``scheduler.pt``
-(loaded with ``weights_only=True``), ``rng.pt`` and ``state.json`` (step,
-tokens and the reader's stream state).
+The model and optimizer tensors go through DCP's Hugging Face storage, as
+safetensors files whose headers record each rank's slice. Loading reshards
+them onto any world size and any strategy (``single``, ``ddp`` or ``fsdp``),
+and reading them never unpickles anything. Rank 0 adds ``scheduler.pt`` and
+``rng.pt`` (plain tensors and numbers, loaded with ``weights_only=True``) and
+``state.json``: step, tokens, samples consumed, strategy, world size and
+global batch. The directory appears under its final name only when complete.
 """
 from __future__ import annotations
 
 import json
 import re
+import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
 
+from pipeline.dist import World, barrier, broadcast_text
+from pipeline.errors import ConfigError
 from storage.atomic import atomic_write, remove_path
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -25,32 +32,83 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "state.json").is_file())
 
 
-def save_checkpoint(root: Path, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+def _tensor_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """Model and optimizer tensors under one flat namespace, plus the two dicts they came from.
+
+    Under FSDP the tensors are this rank's DTensor shards; otherwise full tensors.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer,
+                                              options=StateDictOptions(flatten_optimizer_state_dict=True))
+    tensors = {f"model.{k}": v for k, v in model_state.items()}
+    tensors.update({f"optim.{k}": v for k, v in optim_state.items() if isinstance(v, torch.Tensor)})
+    return tensors, model_state, optim_state
+
+
+@contextmanager
+def _single_process_is_meant():
+    """DCP warns that it assumes one process whenever no process group exists: for ``single``, that is right."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def save_checkpoint(root: Path, model, optimizer, scheduler, state: dict, keep: int, here: World) -> Path:
+    """Write ``<root>/step-NNNNNNNN`` (a collective: every rank calls it) and keep the newest ``keep``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
     path = root / f"step-{state['step']:08d}"
-    with atomic_write(path) as tmp:
-        tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    for old in checkpoint_dirs(root)[:-keep]:
-        remove_path(old)
+    with atomic_write(path) if here.is_main else nullcontext() as tmp:
+        tmp = Path(broadcast_text(str(tmp), here))
+        if here.is_main:
+            tmp.mkdir()
+        barrier(here)
+        tensors, _, _ = _tensor_state(model, optimizer)
+        with _single_process_is_meant():
+            dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+        if here.is_main:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            torch.save(rng, tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    barrier(here)  # no rank runs ahead before the checkpoint has its final name
+    if here.is_main:
+        for old in checkpoint_dirs(root)[:-keep]:
+            remove_path(old)
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, device: torch.device) -> dict:
-    """Restore everything saved by ``save_checkpoint``; return its ``state.json``."""
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), device=str(device))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the student: missing {missing}, unexpected {unexpected}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+def read_state(path: Path) -> dict:
+    return json.loads((path / "state.json").read_text())
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore everything ``save_checkpoint`` wrote (a collective: every rank calls it); return ``state.json``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    tensors, model_state, optim_state = _tensor_state(model, optimizer)
+    try:
+        with _single_process_is_meant():
+            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
+    except Exception as exc:  # DCP wraps the missing-key and shape errors of every rank in one exception
+        raise ConfigError(f"checkpoint {path} does not fit this student: {str(exc).splitlines()[0]}; "
+                          "train it into a new train.out_dir") from exc
+    set_state_dict(model, optimizer,
+                   model_state_dict={k: tensors[f"model.{k}"] for k in model_state},
+                   optim_state_dict={k: tensors.get(f"optim.{k}", v) for k, v in optim_state.items()},
+                   options=StateDictOptions(flatten_optimizer_state_dict=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    # The tensors above carry no hyperparameters, and loading a scheduler does not touch the optimizer.
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "state.json").read_text())
+    return read_state(path)

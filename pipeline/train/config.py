@@ -134,6 +134,10 @@ class TrainConfig:
     """Positions per student-logit chunk in the loss (bounds the fp32 (positions x vocab) memory)."""
     num_workers: int = 0
     """DataLoader worker processes for the cache reader (a prefetch thread always runs)."""
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"
+    """``single``: one process; ``ddp``: DistributedDataParallel replicas; ``fsdp``: FSDP2 shards (one unit per
+    decoder layer, bf16 compute on GPU), for students whose weights and AdamW state do not fit one GPU.
+    ``auto``: ``single`` for one process, ``ddp`` under torchrun."""
 
     def __post_init__(self):
         raise_problems(

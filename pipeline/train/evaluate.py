@@ -9,12 +9,14 @@ average over is ``None``, never a division by zero.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from pipeline.dist import World, all_reduce_sum
 from pipeline.hf import LogitHead, hidden_states
 from pipeline.train.losses import cross_entropy, dense_forward_kl, kd_loss
 from pipeline.train.step import LossFacts, labels_and_masks
@@ -62,6 +64,14 @@ class HeldOutMetrics:
             self.agree += int(((predicted == teacher_top1) & kd_mask).sum())
             self.kd_tokens += int(kd_mask.sum())
 
+    def all_reduce(self, here: World) -> None:
+        """Sum every token sum over the ranks (a collective)."""
+        scalars = torch.tensor([self.ce, self.kl, self.ce_tokens, self.kd_tokens, self.agree], dtype=torch.float64)
+        packed = all_reduce_sum(torch.cat([scalars, self.calibration.sums.reshape(-1)]), here)
+        self.ce, self.kl = packed[0].item(), packed[1].item()
+        self.ce_tokens, self.kd_tokens, self.agree = (int(v) for v in packed[2:5].tolist())
+        self.calibration.sums = packed[5:].reshape(self.calibration.sums.shape)
+
     def result(self) -> dict:
         ce = self.ce / self.ce_tokens if self.ce_tokens else None
         return {"ce": ce, "ppl": math.exp(min(ce, 50.0)) if ce is not None else None,
@@ -70,41 +80,55 @@ class HeldOutMetrics:
                 "top1": self.agree / self.kd_tokens if self.kd_tokens else None}
 
 
+def _score_batch(model, head: LogitHead, batch: dict[str, torch.Tensor], facts: LossFacts, chunk_size: int,
+                 metrics: HeldOutMetrics | None) -> None:
+    """Add one batch's chunks to ``metrics``; with ``None``, run only the decoder (an FSDP rank without a batch
+    must still join its collectives)."""
+    labels, kd_mask, ce_mask = (t.reshape(-1) for t in labels_and_masks(batch))
+    flat = hidden_states(model, batch["input_ids"]).reshape(labels.shape[0], -1)
+    if metrics is None:
+        return
+    cached = "topk_ids" in batch
+    if cached:
+        width = batch["topk_ids"].shape[-1]
+        ids, logprobs = batch["topk_ids"].reshape(-1, width), batch["topk_logprobs"].reshape(-1, width)
+        tails = batch["tail_logprob"].reshape(-1)
+    for lo in range(0, flat.shape[0], chunk_size):
+        hi = min(lo + chunk_size, flat.shape[0])
+        logits = head(flat[lo:hi])[:, : facts.real_vocab]
+        kl = top1 = None
+        if cached:
+            t = facts.cache_temperature
+            kl = kd_loss(logits, ids[lo:hi], logprobs[lo:hi], tails[lo:hi], labels[lo:hi], temperature=t,
+                         cache_temperature=t, real_vocab=facts.real_vocab) / t**2
+            top1 = ids[lo:hi, 0]
+        metrics.add(logits, labels[lo:hi], ce_mask[lo:hi], kd_mask[lo:hi], kl, top1)
+
+
 @torch.no_grad()
-def evaluate(model, head: LogitHead, batches: Iterator[dict[str, torch.Tensor]], facts: LossFacts,
-             device: torch.device, chunk_size: int, max_batches: int | None = None) -> dict:
-    """Metrics against the cached targets of the held-out batches.
+def evaluate(engine, head: LogitHead, batches: Iterator[dict[str, torch.Tensor]], facts: LossFacts,
+             device: torch.device, chunk_size: int, max_batches: int | None, here: World) -> dict:
+    """Metrics against the cached targets of the held-out batches, shared out over the ranks.
+
+    ``engine`` is the training module (``StudentForward``, maybe under DDP or
+    FSDP2). Batches go round-robin to the ranks, and the token sums are added
+    over ranks, so the result does not depend on the world size.
 
     ``kl`` is forward KL with the tail bucket at the cache temperature (the
     T² loss scale undone). On a sample-mode cache it is the plug-in estimate
     over the drawn ids; score with a top-k ``cache.eval_dir`` for exact
     comparisons. ``top1`` compares with the teacher's most probable stored id.
     """
-    was_training = model.training
-    model.eval()
+    was_training = engine.training
+    engine.eval()
     metrics = HeldOutMetrics()
-    for index, batch in enumerate(batches):
-        if max_batches is not None and index >= max_batches:
-            break
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels, kd_mask, ce_mask = (t.reshape(-1) for t in labels_and_masks(batch))
-        flat = hidden_states(model, batch["input_ids"]).reshape(labels.shape[0], -1)
-        cached = "topk_ids" in batch
-        if cached:
-            width = batch["topk_ids"].shape[-1]
-            ids, logprobs = batch["topk_ids"].reshape(-1, width), batch["topk_logprobs"].reshape(-1, width)
-            tails = batch["tail_logprob"].reshape(-1)
-        for lo in range(0, flat.shape[0], chunk_size):
-            hi = min(lo + chunk_size, flat.shape[0])
-            logits = head(flat[lo:hi])[:, : facts.real_vocab]
-            kl = top1 = None
-            if cached:
-                t = facts.cache_temperature
-                kl = kd_loss(logits, ids[lo:hi], logprobs[lo:hi], tails[lo:hi], labels[lo:hi], temperature=t,
-                             cache_temperature=t, real_vocab=facts.real_vocab) / t**2
-                top1 = ids[lo:hi, 0]
-            metrics.add(logits, labels[lo:hi], ce_mask[lo:hi], kd_mask[lo:hi], kl, top1)
-    model.train(was_training)
+    held_out = itertools.islice(batches, max_batches)
+    while batches_of_round := list(itertools.islice(held_out, here.size)):
+        mine = here.rank < len(batches_of_round)
+        batch = {k: v.to(device) for k, v in batches_of_round[here.rank if mine else 0].items()}
+        engine(_score_batch, head, batch, facts, chunk_size, metrics if mine else None)
+    metrics.all_reduce(here)
+    engine.train(was_training)
     return metrics.result()
 
 

@@ -2,109 +2,96 @@
 
 One optimizer step fetches ``grad_accum`` micro-batches, counts their valid
 tokens summed over ranks, runs forward and backward on each with the loss
-normalised by those global counts, sums gradients across ranks, clips, and
-steps AdamW and the warmup + cosine schedule. Evaluation, metrics and
-checkpoints happen between steps; the final student is saved with
-``save_pretrained``.
+normalised by those global counts (gradients are reduced over ranks by DDP or
+FSDP2 on the last micro-batch only), clips, and steps AdamW and the warmup +
+cosine schedule. Evaluation, metrics and checkpoints happen between steps; the
+final student is saved with ``save_pretrained``.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline import preempt
 from pipeline.dist import all_reduce_sum, any_rank, barrier, init_process_group, world
+from pipeline.errors import ConfigError
 from pipeline.hf import LogitHead, load_model, resolve_device
 from pipeline.log import get_logger
-from pipeline.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import checkpoint_dirs, load_checkpoint, read_state, save_checkpoint
 from pipeline.train.config import LiveTeacherConfig, Phase, StudentConfig, TrainConfig
 from pipeline.train.evaluate import evaluate
+from pipeline.train.metrics import DataWait, MetricsLog, chain_samples
+from pipeline.train.parallel import full_state_dict, gradient_scale, gradient_sync, resolve_strategy, wrap
 from pipeline.train.schedule import lr_at, phase_at
 from pipeline.train.sources import BatchSource
 from pipeline.train.step import LossFacts, combine, micro_batch_sums, token_counts
 from pipeline.train.student import build_student
 from storage.atomic import atomic_write, ensure_writable, write_text
-from storage.stream import StreamState
+from storage.errors import DirectoryInUseError
+from storage.locks import DirectoryLock
+from storage.stream import StreamOrder, StreamState
 
 log = get_logger("train")
 
 
-class MetricsLog:
-    """``metrics.jsonl``: one JSON record per line; on resume, records after the checkpoint are dropped."""
-
-    def __init__(self, path: Path, resume_step: int, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            write_text(path, "".join(line + "\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-
-class DataWait:
-    """Time spent waiting for batches, apart from the first fetch (which opens, verifies and decodes a shard
-    before prefetching can start: a fixed start-up cost, not a steady-state one)."""
-
-    def __init__(self):
-        self.startup: float | None = None
-        self.waited = self.busy = 0.0
-
-    def add(self, began: float, fetched: float, ended: float) -> None:
-        if self.startup is None:
-            self.startup = fetched - began
-        else:
-            self.waited, self.busy = self.waited + fetched - began, self.busy + ended - began
-
-    @property
-    def fraction(self) -> float:
-        return self.waited / max(self.busy, 1e-9)
+def check_resumable(path: Path, state: dict, order: StreamOrder) -> None:
+    """Refuse a checkpoint whose global batch differs from this job's: its sample order would not continue."""
+    if "global_batch" not in state:
+        raise ConfigError(f"checkpoint {path} predates elastic resume (its state.json has no global_batch); "
+                          "train into a new train.out_dir")
+    if state["global_batch"] != order.global_batch:
+        raise ConfigError(
+            f"checkpoint {path} was trained with a global batch of {state['global_batch']} (batch_size "
+            f"{state['batch_size']} x world size {state['world_size']} x grad_accum {state['grad_accum']}), but this job's "
+            f"is {order.global_batch} (batch_size {order.batch_size} x world size {order.world_size} x grad_accum "
+            f"{order.grad_accum}); keep the product equal, e.g. grad_accum="
+            f"{state['global_batch'] / (order.batch_size * order.world_size):g}, or train into a new train.out_dir")
 
 
 class TrainingRecipe:
     """Train (or resume) a student on a ``BatchSource`` and save it to ``<out_dir>/final``."""
 
-    def __init__(self, source: BatchSource, student: StudentConfig, train: TrainConfig, phases: list[Phase],
-                 device: str, config_yaml: str, live_teacher: LiveTeacherConfig | None = None):
-        self.source, self.student_cfg, self.cfg, self.phases = source, student, train, phases
+    def __init__(self, source: BatchSource, order: StreamOrder, student: StudentConfig, train: TrainConfig,
+                 phases: list[Phase], device: str, config_yaml: str, live_teacher: LiveTeacherConfig | None = None):
+        self.source, self.order, self.student_cfg, self.cfg, self.phases = source, order, student, train, phases
         self.device_name, self.config_yaml = device, config_yaml
         self.live_cfg = live_teacher or LiveTeacherConfig()
         self.out = Path(train.out_dir)
         self.final = self.out / "final"
+        self.lock = DirectoryLock(self.out)
         self.total = sum(p.steps for p in phases)
 
     def setup(self) -> None:
-        """Process group, output directory, model, optimizer, schedule, resume state, live teachers, data."""
+        """Process group, output directory, model, engine, optimizer, schedule, resume state, live teachers, data."""
         self.world = world()
-        init_process_group(self.world)
-        if self.world.is_main:
-            ensure_writable(self.out, "train.out_dir")
-            write_text(self.out / "config.yaml", self.config_yaml)
+        self.strategy = resolve_strategy(self.cfg.strategy, self.world)
         self.device = resolve_device(self.device_name, self.world.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        init_process_group(self.world, single_process_group=self.strategy != "single")
+        self._lock_out_dir()
         self.model = build_student(self.student_cfg, self.source.vocab_size, self.source.tokenizer)
         self.model = self.model.to(self.device).train()
+        self.engine = wrap(self.model, self.strategy, self.device, self.world)
         self.head = LogitHead.of(self.model)
         self.facts = LossFacts(real_vocab=self.source.real_vocab, cache_temperature=self.source.temperature)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1.0, weight_decay=self.cfg.weight_decay,
+        self.optimizer = torch.optim.AdamW(self.engine.parameters(), lr=1.0, weight_decay=self.cfg.weight_decay,
                                            betas=(0.9, 0.95))
         # The optimizer's lr is 1, so the schedule's value is the learning rate itself.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_at(s, self.phases, self.cfg.warmup_steps, self.cfg.min_lr_ratio))
-        self.step, self.tokens, self.start = 0, 0, StreamState()
+        self.step, self.tokens, self.samples_sha256 = 0, 0, ""
         found = checkpoint_dirs(self.out / "checkpoints") if self.cfg.resume == "auto" else []
         if found:
-            state = load_checkpoint(found[-1], self.model, self.optimizer, self.scheduler, self.device)
-            self.step, self.tokens, self.start = state["step"], state["tokens"], StreamState(**state["stream"])
-            log.info(f"resumed from {found[-1]} at step {self.step}")
+            check_resumable(found[-1], read_state(found[-1]), self.order)
+            state = load_checkpoint(found[-1], self.model, self.optimizer, self.scheduler)
+            self.step, self.tokens, self.samples_sha256 = state["step"], state["tokens"], state["samples_sha256"]
+            log.info(f"resumed from {found[-1]} at step {self.step} ({state['world_size']} -> {self.world.size} ranks)")
         if self.complete:
             return
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.step, self.world.is_main)
@@ -112,9 +99,26 @@ class TrainingRecipe:
         c = self.live_cfg
         self.live = {path: load_model(path, self.device, c.dtype, c.revision, c.trust_remote_code,
                                       key="loss.teacher_live") for path in paths}
-        self.stream = self.source.stream(self.start)
-        self.consumed = 0
+        self.stream = self.source.stream(StreamState(self.step * self.order.global_batch))
         self.wait = DataWait()
+
+    def _lock_out_dir(self) -> None:
+        """Rank 0 locks ``out_dir`` for the job's lifetime; every rank stops if another job holds it."""
+        held_elsewhere = None
+        if self.world.is_main:
+            ensure_writable(self.out, "train.out_dir")
+            try:
+                self.lock.acquire("train.out_dir")
+            except DirectoryInUseError as exc:
+                held_elsewhere = exc
+        if any_rank(held_elsewhere is not None, self.world):
+            raise held_elsewhere or DirectoryInUseError(f"train.out_dir {self.out} is in use by another job")
+        if self.world.is_main:
+            write_text(self.out / "config.yaml", self.config_yaml)
+
+    def close(self) -> None:
+        """Release ``out_dir`` (the kernel does it anyway when the process ends)."""
+        self.lock.release()
 
     @property
     def complete(self) -> bool:
@@ -124,26 +128,30 @@ class TrainingRecipe:
         """One optimizer step; returns (global mean loss, learning rate used, tokens of all ranks)."""
         began = time.perf_counter()
         device = self.device
-        micro = [{k: v.to(device, non_blocking=True) for k, v in next(self.stream).items()}
-                 for _ in range(self.cfg.grad_accum)]
+        micro = [next(self.stream) for _ in range(self.cfg.grad_accum)]
+        samples = [batch.pop("sample_index") for batch in micro]
+        micro = [{k: v.to(device, non_blocking=True) for k, v in batch.items()} for batch in micro]
         fetched = time.perf_counter()
-        self.consumed += len(micro)
+        self.samples_sha256 = chain_samples(self.samples_sha256, samples, self.world)
         counts = all_reduce_sum(sum(token_counts(b) for b in micro), self.world)
         kd_tokens, ce_tokens = counts.tolist()
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        autocast = nullcontext()
+        if device.type == "cuda" and self.strategy != "fsdp":  # FSDP2's mixed-precision policy casts instead
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+        scale = gradient_scale(self.strategy, self.world)
         local_loss = 0.0
-        for batch in micro:
-            with autocast:
-                kd_sum, ce_sum = micro_batch_sums(self.model, self.head, batch, phase.loss, self.facts,
-                                                  self.cfg.chunk_size, self.live.get(phase.loss.teacher_live))
-            # Normalised by the token counts of every micro-batch on every rank, so this is the rank's share
-            # of the global mean loss: summing the shares' gradients over ranks gives the mean's gradient.
-            loss = combine(kd_sum, ce_sum, kd_tokens, ce_tokens, phase.loss)
-            loss.backward()
+        for index, batch in enumerate(micro):
+            with gradient_sync(self.engine, self.strategy, sync=index == len(micro) - 1):
+                with autocast:
+                    kd_sum, ce_sum = self.engine(micro_batch_sums, self.head, batch, phase.loss, self.facts,
+                                                 self.cfg.chunk_size, self.live.get(phase.loss.teacher_live))
+                # Normalised by the token counts of every micro-batch on every rank, so this is the rank's share
+                # of the global mean loss: the sum of the shares' gradients over ranks is the mean's gradient.
+                loss = combine(kd_sum, ce_sum, kd_tokens, ce_tokens, phase.loss)
+                (loss * scale).backward()
             local_loss += loss.item()
-        self._sum_gradients_over_ranks()
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.engine.parameters(), self.cfg.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -154,35 +162,29 @@ class TrainingRecipe:
         loss, step_tokens = all_reduce_sum(totals, self.world).tolist()
         return loss, lr, int(step_tokens)
 
-    def _sum_gradients_over_ranks(self) -> None:
-        if self.world.size == 1:
-            return
-        for param in self.model.parameters():
-            if param.grad is not None:
-                dist.all_reduce(param.grad)
-
     def evaluate(self, phase_index: int) -> None:
-        """Held-out metrics on rank 0, into ``metrics.jsonl``."""
-        if self.source.eval_batches is None or not self.world.is_main:
+        """Held-out metrics over every rank's share of the eval batches, summed over ranks, into ``metrics.jsonl``."""
+        if self.source.eval_batches is None:
             return
-        result = evaluate(self.model, self.head, self.source.eval_batches(), self.facts, self.device,
-                          self.cfg.chunk_size, self.cfg.eval_batches)
+        result = evaluate(self.engine, self.head, self.source.eval_batches(), self.facts, self.device,
+                          self.cfg.chunk_size, self.cfg.eval_batches, self.world)
         self.metrics.write({"type": "eval", "step": self.step, "phase": phase_index, **result})
 
     def save_checkpoint(self) -> None:
-        """Model, optimizer, schedule, RNG and the stream position after the batches consumed so far."""
-        if not self.world.is_main:
-            return
-        stream = self.start.advance(self.consumed, self.source.batches_per_epoch)
-        save_checkpoint(self.out / "checkpoints", self.model, self.optimizer, self.scheduler,
-                        {"step": self.step, "tokens": self.tokens, "stream": stream.__dict__},
-                        self.cfg.keep_checkpoints)
+        """Model, optimizer, schedule, RNG and the global samples consumed (every rank writes its shards)."""
+        o = self.order
+        state = {"step": self.step, "tokens": self.tokens, "samples": self.step * o.global_batch,
+                 "samples_sha256": self.samples_sha256, "strategy": self.strategy, "world_size": o.world_size,
+                 "global_batch": o.global_batch, "batch_size": o.batch_size, "grad_accum": o.grad_accum}
+        save_checkpoint(self.out / "checkpoints", self.model, self.optimizer, self.scheduler, state,
+                        self.cfg.keep_checkpoints, self.world)
 
     def save_final(self) -> None:
-        """The student as a plain ``save_pretrained`` folder with the cache's tokenizer."""
+        """The student as a plain ``save_pretrained`` folder with the cache's tokenizer (gathered on rank 0)."""
+        weights = full_state_dict(self.model, self.strategy)
         if self.world.is_main:
             with atomic_write(self.final) as tmp:
-                self.model.save_pretrained(str(tmp), safe_serialization=True)
+                self.model.save_pretrained(str(tmp), state_dict=weights, safe_serialization=True)
                 self.source.tokenizer.save_pretrained(str(tmp))
             log.info(f"saved the student to {self.final}")
         barrier(self.world)
@@ -204,8 +206,8 @@ class TrainingRecipe:
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}")
             if self.step % cfg.log_every == 0 or last:
                 self.metrics.write({"type": "train", "step": self.step, "phase": phase_index, "loss": loss, "lr": lr,
-                                    "tokens": self.tokens, "data_wait": self.wait.fraction,
-                                    "startup_wait_s": self.wait.startup})
+                                    "tokens": self.tokens, "samples_sha256": self.samples_sha256,
+                                    "data_wait": self.wait.fraction, "startup_wait_s": self.wait.startup})
             if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
                 self.evaluate(phase_index)
             stop = any_rank(preempt.requested(), self.world)  # every rank stops after the same step

@@ -7,7 +7,7 @@ from pipeline.config_loading import to_yaml
 from pipeline.data.pack import prepare_splits
 from pipeline.dist import world
 from pipeline.errors import ConfigError
-from pipeline.train.config import LossConfig, Phase, PretrainJob, TrainJob, resolve_phases
+from pipeline.train.config import LossConfig, Phase, PretrainJob, TrainConfig, TrainJob, resolve_phases
 from pipeline.train.recipe import TrainingRecipe
 from pipeline.train.sources import BatchSource, cache_source, text_source
 from storage.stream import StreamOrder
@@ -25,16 +25,29 @@ def _check_retempering(source: BatchSource, phases: list[Phase], cache_dir: str)
                 f"so cache again with cache.temperature={phase.loss.temperature}")
 
 
+def _stream_order(train: TrainConfig, shuffle_buffer: int) -> StreamOrder:
+    """This process's place in the job's global sample order."""
+    here = world()
+    return StreamOrder(train.batch_size, train.seed, shuffle_buffer, here.rank, here.size, train.grad_accum)
+
+
+def _run(recipe: TrainingRecipe) -> Path:
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        recipe.close()
+
+
 def train_from_cache(job: TrainJob) -> Path:
     """Distil a student from the cached soft targets in ``job.cache.dir``."""
-    here = world()
-    order = StreamOrder(job.train.batch_size, job.train.seed, job.cache.shuffle_buffer, here.rank, here.size)
+    order = _stream_order(job.train, job.cache.shuffle_buffer)
     source = cache_source(job.cache.dir, job.cache.eval_dir, order, job.cache.verify, job.train.num_workers)
     phases = resolve_phases(job.train, job.loss)
     _check_retempering(source, phases, job.cache.dir)
-    recipe = TrainingRecipe(source, job.student, job.train, phases, job.device, to_yaml(job), job.live_teacher)
-    recipe.setup()
-    return recipe.train()
+    recipe = TrainingRecipe(source, order, job.student, job.train, phases, job.device, to_yaml(job),
+                            job.live_teacher)
+    return _run(recipe)
 
 
 def pretrain(job: PretrainJob) -> Path:
@@ -43,8 +56,8 @@ def pretrain(job: PretrainJob) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(job.tokenizer)
     splits = prepare_splits(job.data, tokenizer)
-    source = text_source(splits, tokenizer, job.train.batch_size, job.train.seed, world())
+    order = _stream_order(job.train, shuffle_buffer=1)  # text_source shuffles the whole split as one block
+    source = text_source(splits, tokenizer, order)
     phases = [Phase(job.train.steps, job.train.lr, LossConfig(kind="ce"))]
-    recipe = TrainingRecipe(source, job.student, job.train, phases, job.device, to_yaml(job))
-    recipe.setup()
-    return recipe.train()
+    recipe = TrainingRecipe(source, order, job.student, job.train, phases, job.device, to_yaml(job))
+    return _run(recipe)

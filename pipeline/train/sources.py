@@ -8,7 +8,7 @@ cache, ``text`` for raw text.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data.pack import PackedSplit
-from pipeline.dist import World
+from pipeline.errors import DataError
 from pipeline.log import get_logger
 from storage.manifest import read_manifest
 from storage.reader import SoftTargetStream, sequential_batches, to_tensors
@@ -32,7 +32,7 @@ class BatchSource:
 
     stream: Callable[[StreamState], Iterator[Batch]]
     eval_batches: Callable[[], Iterator[Batch]] | None
-    batches_per_epoch: int
+    """Every held-out batch in a fixed order; the trainer deals them out to the ranks."""
     tokenizer: object
     vocab_size: int  # the cache teacher's output dimension (or the tokenizer's length for raw text)
     real_vocab: int  # ids at or beyond this are padding rows, ignored by the loss
@@ -62,7 +62,7 @@ def cache_source(cache_dir: str, eval_dir: str | None, order: StreamOrder, verif
         dataset = SoftTargetStream(cache_dir, order, start=start, verify=verify)
         return iter(DataLoader(dataset, batch_size=None, num_workers=num_workers))
 
-    probe = SoftTargetStream(cache_dir, order, verify=False)
+    SoftTargetStream(cache_dir, order, verify=False)  # fails early when the global batch exceeds the split
     held_out = eval_dir or cache_dir
     has_eval = bool(read_manifest(held_out).shards_for("eval"))
     if not has_eval:
@@ -70,7 +70,6 @@ def cache_source(cache_dir: str, eval_dir: str | None, order: StreamOrder, verif
     return BatchSource(
         stream=stream,
         eval_batches=(lambda: sequential_batches(held_out, "eval", order.batch_size, verify)) if has_eval else None,
-        batches_per_epoch=probe.batches_per_epoch,
         tokenizer=tokenizer,
         vocab_size=manifest.vocab_size,
         real_vocab=manifest.tokenizer_length,
@@ -79,11 +78,15 @@ def cache_source(cache_dir: str, eval_dir: str | None, order: StreamOrder, verif
     )
 
 
-def text_source(splits: dict[str, PackedSplit], tokenizer, batch_size: int, seed: int, here: World) -> BatchSource:
-    """Batches of packed raw text held in memory; the whole train split is one shuffle block."""
+def text_source(splits: dict[str, PackedSplit], tokenizer, order: StreamOrder) -> BatchSource:
+    """Batches of packed raw text; the whole train split is one shuffle block."""
     train = splits["train"]
     sequences = len(train.input_ids)
-    order = StreamOrder(batch_size, seed, shuffle_buffer=sequences, rank=here.rank, world_size=here.size)
+    if order.steps_per_epoch(sequences) == 0:
+        raise DataError(f"the global batch of {order.global_batch} sequences exceeds the {sequences} packed training "
+                        "sequences; lower train.batch_size or train.grad_accum, or add data")
+    order = replace(order, shuffle_buffer=sequences)
+    batch_size = order.batch_size
 
     def stream(start: StreamState) -> Iterator[Batch]:
         return (to_tensors(b) for b in iterate_batches(ArrayRows(train), [sequences], order, start))
@@ -94,6 +97,5 @@ def text_source(splits: dict[str, PackedSplit], tokenizer, batch_size: int, seed
             yield to_tensors({"input_ids": held.input_ids[lo : lo + batch_size],
                               "loss_mask": held.loss_mask[lo : lo + batch_size]})
 
-    return BatchSource(stream=stream, eval_batches=eval_batches if "eval" in splits else None,
-                       batches_per_epoch=sequences // here.size // batch_size, tokenizer=tokenizer,
+    return BatchSource(stream=stream, eval_batches=eval_batches if "eval" in splits else None, tokenizer=tokenizer,
                        vocab_size=len(tokenizer), real_vocab=len(tokenizer), temperature=1.0, mode="text")

@@ -11,18 +11,18 @@ from pipeline.train.config import StudentConfig
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")
 
 
-def _decoder_layers(model) -> nn.ModuleList:
+def decoder_layers(model) -> nn.ModuleList:
     """The ModuleList of transformer blocks (``model.layers`` in Llama, ``transformer.h`` in GPT-2)."""
     base = model.base_model
     for name in ("layers", "h", "blocks"):
         layers = getattr(base, name, None)
         if isinstance(layers, nn.ModuleList):
             return layers
-    raise TeacherError(f"cannot find the decoder layers of {type(model).__name__} to copy a layer selection")
+    raise TeacherError(f"cannot find the decoder layers of {type(model).__name__} (looked for layers, h and blocks)")
 
 
 def _select_layers(model, keep: list[int]):
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     bad = [i for i in keep if not 0 <= i < len(layers)]
     if bad or not keep:
         raise ConfigError(f"student.layers {keep} must be non-empty indices in [0, {len(layers)})")
@@ -58,7 +58,7 @@ def build_student(cfg: StudentConfig, cache_vocab: int, tokenizer) -> nn.Module:
                 f"(sha256 {tokenizer_sha256(tokenizer)[:12]}); the student must share the teacher's vocabulary"
             )
         if cfg.from_teacher:
-            layers = _decoder_layers(model)
+            layers = decoder_layers(model)
             model = _select_layers(model, cfg.layers if cfg.layers is not None else list(range(0, len(layers), 2)))
     else:
         fields = dict(cfg.config)

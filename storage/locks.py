@@ -1,0 +1,48 @@
+"""An exclusive ``flock`` on a file in an output directory, so two jobs never write into one directory at once.
+
+The kernel drops the lock when its holder exits, however it exits (``kill -9``
+included), so a lock is never stale; but a process that lives on, such as a
+torchrun worker orphaned by a killed launcher, keeps it until it ends.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+
+from storage.errors import DirectoryInUseError
+
+
+class DirectoryLock:
+    """Hold ``<directory>/<name>`` exclusively from ``acquire`` until ``release`` or the process's end."""
+
+    def __init__(self, directory: Path, name: str = ".lock"):
+        self.path = Path(directory) / name
+        self._handle = None
+
+    def acquire(self, what: str) -> None:
+        """Take the lock, or raise ``DirectoryInUseError`` naming the holder; ``what`` names the directory's key."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise DirectoryInUseError(
+                f"{what} {self.path.parent} is in use by {holder}; wait for that job to end or stop it "
+                "(a torchrun worker left running by a killed launcher holds it until it exits)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
