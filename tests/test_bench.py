@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import cli
 
-SECTIONS = ("storage", "stage1", "stage2", "quality", "scaling")
+SECTIONS = ("storage", "stage1", "stage2", "quality", "scaling", "parallel")
 
 
 def test_quick_bench_writes_every_section(tmp_path, capsys):
@@ -22,8 +22,10 @@ def test_quick_bench_writes_every_section(tmp_path, capsys):
     assert {"kd_topk_over_ce", "online_over_kd_sample"} <= results["stage2"][0].keys()
     assert [r["data_factor"] for r in results["scaling"]] == [1, 4, 16]
     assert {r["student"] for r in results["quality"]} >= {"ce_only", "chain_mid_to_small", "chain_direct_small"}
+    assert [r["strategy"] for r in results["parallel"]] == ["single", "ddp", "fsdp"]
+    assert all(r["tok_per_s"] > 0 for r in results["parallel"]) and results["parallel"][0]["over_single"] == 1.0
     markdown = (tmp_path / "results.md").read_text()
-    assert all(f"## {title}" in markdown for title in ("Storage", "Stage 1", "Stage 2", "Quality", "Scaling"))
+    assert all(f"## {title}" in markdown for title in ("Storage", "Stage 1", "Stage 2", "Quality", "Scaling", "Parallel"))
 
 
 def test_quality_summary_pairs_runs_by_seed():

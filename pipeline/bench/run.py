@@ -1,6 +1,6 @@
 """``distillery bench``: measure the pipeline and write ``results.json`` plus ``results.md``.
 
-Sections: ``storage``, ``stage1``, ``stage2``, ``quality`` and ``scaling``,
+Sections: ``storage``, ``stage1``, ``stage2``, ``quality``, ``scaling`` and ``parallel``,
 each a list of flat records. Comparisons run interleaved in one process
 (or one run) and report medians with min-max spreads. Everything is built
 locally: the 8k BPE, a random-init 17M teacher for throughput, and the
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.bench.parallel import strategy_records
 from pipeline.bench.quality import CACHE_SETTINGS, quality_records, summarize_quality, train_and_score
 from pipeline.bench.stage1 import run_settings
 from pipeline.bench.stage2 import memory_records, peak_rss_of_training, step_ratios
@@ -37,10 +38,10 @@ STUDENT = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 512, 
 SMALL = {**STUDENT, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 1}
 FULL = {"vocab": 8192, "hidden": 384, "layers": 6, "heads": 6, "stage1_tokens": 200_000, "seq_len": 512,
         "quality_tokens": 200_000, "quality_seq": 128, "steps": 80, "batch": 8, "seeds": 2, "key_seeds": 3,
-        "scaling_tokens": 16_384, "students": (STUDENT, SMALL), "subset": None}
+        "scaling_tokens": 16_384, "parallel_steps": 30, "students": (STUDENT, SMALL), "subset": None}
 QUICK = {"vocab": 512, "hidden": 32, "layers": 1, "heads": 2, "stage1_tokens": 4096, "seq_len": 64,
          "quality_tokens": 4096, "quality_seq": 32, "steps": 3, "batch": 4, "seeds": 1, "key_seeds": 1,
-         "scaling_tokens": 1024,
+         "scaling_tokens": 1024, "parallel_steps": 3,
          "students": ({**SMALL, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
                        "num_key_value_heads": 2},) * 2, "subset": 3}
 
@@ -131,6 +132,8 @@ def run_bench(out: str | Path, quick: bool = False, teacher: str | Path | None =
     results["quality_runs"] = [{k: v for k, v in r.items() if k != "final"} for r in quality]
     results["quality"] = summarize_quality(quality) + chain_records(teacher, caches, size, out)
     results["scaling"] = scaling_records(teacher, size, out)
+    parallel_common = [c for c in common if not c.startswith("train.steps")] + [f"train.steps={size['parallel_steps']}"]
+    results["parallel"] = strategy_records(caches["sample50"], parallel_common, out, rounds=1 if quick else 3)
     results["seconds"] = time.time() - started
     write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     write_text(out / "results.md", results_markdown(results))
@@ -190,6 +193,7 @@ def results_markdown(results: dict) -> str:
                                 "kl_over_online_spread", "ppl", "ppl_spread", "top1",
                                 "ece"]),
         ("Scaling", "scaling", ["data_factor", "tokens", "stage1_us_per_token", "stage2_tokens", "stage2_us_per_token"]),
+        ("Parallel", "parallel", ["strategy", "processes", "grad_accum", "tok_per_s", "tok_per_s_spread", "over_single"]),
     ]
     parts = [f"# Benchmark results ({results['seconds'] / 60:.1f} min)\n"]
     for title, key, columns in sections:

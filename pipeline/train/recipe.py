@@ -197,6 +197,7 @@ class TrainingRecipe:
         cfg = self.cfg
         progress = tqdm(total=self.total, initial=self.step, desc="train", unit="step", file=sys.stderr,
                         disable=not self.world.is_main)
+        began = time.perf_counter()
         while self.step < self.total:
             phase_index, phase = phase_at(self.step, self.phases)
             loss, lr, step_tokens = self.train_step(phase)
@@ -206,7 +207,8 @@ class TrainingRecipe:
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}")
             if self.step % cfg.log_every == 0 or last:
                 self.metrics.write({"type": "train", "step": self.step, "phase": phase_index, "loss": loss, "lr": lr,
-                                    "tokens": self.tokens, "samples_sha256": self.samples_sha256,
+                                    "tokens": self.tokens, "elapsed_s": time.perf_counter() - began,
+                                    "samples_sha256": self.samples_sha256,
                                     "data_wait": self.wait.fraction, "startup_wait_s": self.wait.startup})
             if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
                 self.evaluate(phase_index)
