@@ -60,17 +60,28 @@ def max_positions(config) -> int | None:
 
 
 def load_model(name: str, device: torch.device, dtype: str = "auto", revision: str | None = None,
-               trust_remote_code: bool = False, key: str = "teacher.model"):
-    """Load a causal LM's weights in ``dtype`` (``auto``: the checkpoint's) onto ``device``, in eval mode."""
+               trust_remote_code: bool = False, key: str = "teacher.model", placement: dict | None = None):
+    """Load a causal LM's weights in ``dtype`` (``auto``: the checkpoint's) onto ``device``, in eval mode.
+
+    ``placement`` holds extra ``from_pretrained`` arguments that place the
+    weights themselves (``device_map`` and ``max_memory``, or a tensor-parallel
+    ``distributed_config``); the model is then not moved to ``device``.
+    """
     from transformers import AutoModelForCausalLM
 
     _check_local(name, key)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, revision=revision, trust_remote_code=trust_remote_code, dtype=DTYPES.get(dtype, "auto"))
+            name, revision=revision, trust_remote_code=trust_remote_code, dtype=DTYPES.get(dtype, "auto"),
+            **(placement or {}))
     except (OSError, ValueError) as exc:
         raise TeacherError(f"{key} {name!r}: weights could not be loaded: {exc}") from exc
-    return model.to(device).eval()
+    return (model if placement else model.to(device)).eval()
+
+
+def input_device(model) -> torch.device:
+    """Where a model's input ids must go: the device of its input embeddings (the first of a ``device_map``)."""
+    return model.get_input_embeddings().weight.device
 
 
 @dataclass

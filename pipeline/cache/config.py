@@ -18,9 +18,25 @@ class TeacherConfig:
     """Weight dtype for the teacher pass; ``auto`` keeps the checkpoint's dtype."""
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint to run. Only enable for repos you trust."""
+    device_map: str | None = None
+    """Passed to ``from_pretrained``: ``auto`` spreads the layers over this part's ``gpus_per_part`` GPUs with
+    accelerate, for a teacher larger than one GPU; ``null`` puts the whole teacher on ``device``."""
+    gpus_per_part: int = 1
+    """GPUs each part (torchrun rank or Slurm task) owns: local rank r uses GPUs r*g to r*g+g-1. Needs
+    ``device_map`` when above 1."""
+    parallel: Literal["none", "tensor"] = "none"
+    """``tensor``: transformers' tensor parallelism (``tp_plan: auto``) over all torchrun ranks of a job, which
+    then form one part whose rank 0 writes the shards; for architectures that ship a TP plan."""
 
     def __post_init__(self):
-        raise_problems(need(bool(self.model), "model", "is required (a local path or a hub id)"))
+        raise_problems(
+            need(bool(self.model), "model", "is required (a local path or a hub id)"),
+            need(self.gpus_per_part >= 1, "gpus_per_part", f"must be >= 1, got {self.gpus_per_part}"),
+            need(self.gpus_per_part == 1 or self.device_map is not None, "gpus_per_part",
+                 "above 1 needs teacher.device_map (e.g. auto) to spread the teacher over them"),
+            need(not (self.device_map and self.parallel == "tensor"), "parallel",
+                 "tensor parallelism places the weights itself; unset teacher.device_map"),
+        )
 
 
 @dataclass

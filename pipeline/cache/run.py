@@ -42,21 +42,30 @@ def run_cache(job: CacheJob, num_tasks: int = 1, task_index: int = 0, finalize_o
     ensure_writable(plan.directory, "cache directory")
     cache.claim(to_yaml(job))
     written = 0
+    # Under tensor parallelism all ranks of the job run one teacher together: they form one part, rank 0 writes.
+    ranks_per_part = here.size if job.teacher.parallel == "tensor" else 1
+    writer = here.rank % ranks_per_part == 0
+    if ranks_per_part > 1:
+        log.info(f"tensor parallel: {ranks_per_part} ranks run one teacher; rank {here.rank - here.rank % ranks_per_part} "
+                 "writes its shards")
     if not finalize_only:
-        parts = num_parts(num_tasks, here.size)
-        part = part_index(task_index, num_tasks, here.rank, here.size)
+        parts = num_parts(num_tasks, here.size // ranks_per_part)
+        part = part_index(task_index, num_tasks, here.rank // ranks_per_part, here.size // ranks_per_part)
         mine = [plan.shards[i] for i in shards_of_part(len(plan.shards), part, parts)]
         todo = [s for s in mine if cache.done_record(s) is None]
-        for shard in todo:
-            cache.discard(shard)
+        if writer:
+            for shard in todo:
+                cache.discard(shard)
         log.info(f"part {part}/{parts}: {len(mine)} shards, {len(mine) - len(todo)} already complete, "
                  f"{len(todo)} to write")
         if todo:
-            device = resolve_device(job.device, here.local_rank)
-            times = write_shards(plan, todo, device, part, load_teacher(plan, device))
+            device = resolve_device(job.device, here.local_rank * job.teacher.gpus_per_part)
+            times = write_shards(plan, todo, device, part, load_teacher(plan, device), writer)
             log.info(f"part {part}: teacher {times.teacher:.1f} s, blocked on the shard writer "
                      f"{times.writer_wait:.1f} s, final flush {times.final_flush:.1f} s")
-        written = len(todo)
+        written = len(todo) if writer else 0
+    if not writer:
+        return CacheResult(plan.directory, False, written)
     missing = cache.missing(plan.shards)
     if missing:
         if finalize_only:

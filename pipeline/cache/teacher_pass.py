@@ -11,10 +11,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline import preempt
+from pipeline.cache.config import TeacherConfig
 from pipeline.cache.plan import CachePlan
 from pipeline.cache.reduce import hybrid_targets, sample_targets, sequence_uniforms, topk_targets
 from pipeline.errors import TeacherError
-from pipeline.hf import LogitHead, check_logit_head, hidden_states, load_model
+from pipeline.hf import LogitHead, check_logit_head, hidden_states, input_device, load_model
 from storage.formats import get_format
 from storage.writer import BackgroundShardWriter, ShardPlan
 
@@ -61,24 +62,44 @@ class PassTimes:
     """Waiting for the last shards to reach disk after the teacher finished."""
 
 
+def _placement(teacher: TeacherConfig, device: torch.device) -> dict | None:
+    """``from_pretrained`` arguments that place the weights: tensor parallel, or a device map over this part's
+    GPUs (the ``gpus_per_part`` from ``device`` on, each filled to 90 % to leave room for activations)."""
+    if teacher.parallel == "tensor":
+        from transformers import DistributedConfig
+
+        return {"distributed_config": DistributedConfig(tp_plan="auto")}
+    if teacher.device_map is None:
+        return None
+    if device.type != "cuda":
+        return {"device_map": teacher.device_map}
+    gpus = range(device.index, device.index + teacher.gpus_per_part)
+    if gpus.stop > torch.cuda.device_count():
+        raise TeacherError(f"teacher.gpus_per_part {teacher.gpus_per_part} from GPU {device.index} needs GPUs up to "
+                           f"{gpus.stop - 1}, but {torch.cuda.device_count()} are visible; lower it or use fewer ranks")
+    return {"device_map": teacher.device_map,
+            "max_memory": {g: int(0.9 * torch.cuda.get_device_properties(g).total_memory) for g in gpus}}
+
+
 def load_teacher(plan: CachePlan, device: torch.device):
-    """The teacher in its configured dtype on ``device``, with its logit head checked against its own forward."""
+    """The teacher in its configured dtype and placement, with its logit head checked against its own forward."""
     t = plan.job.teacher
-    model = load_model(t.model, device, t.dtype, t.revision, t.trust_remote_code)
+    model = load_model(t.model, device, t.dtype, t.revision, t.trust_remote_code, placement=_placement(t, device))
     head = LogitHead.of(model)
     if head.vocab_size != plan.vocab_size:
         raise TeacherError(f"the teacher's lm_head has {head.vocab_size} rows but its config says "
                            f"vocab_size={plan.vocab_size}")
     first = plan.splits[plan.shards[0].split].input_ids[:1]
     with torch.inference_mode():
-        check_logit_head(model, head, torch.from_numpy(first).long().to(device))
+        check_logit_head(model, head, torch.from_numpy(first).long().to(input_device(model)))
     return model
 
 
-def _shard_arrays(model, head: LogitHead, plan: CachePlan, shard: ShardPlan, device: torch.device,
-                  progress, times: PassTimes) -> dict[str, np.ndarray]:
+def _shard_arrays(model, head: LogitHead, plan: CachePlan, shard: ShardPlan, progress,
+                  times: PassTimes) -> dict[str, np.ndarray]:
     """The five fields of one shard, computed batch by batch; stops at a preemption request."""
     split = plan.splits[shard.split]
+    device = input_device(model)
     rows = slice(shard.start, shard.start + shard.count)
     parts = []
     for lo in range(shard.start, shard.start + shard.count, plan.job.cache.batch_size):
@@ -97,26 +118,29 @@ def _shard_arrays(model, head: LogitHead, plan: CachePlan, shard: ShardPlan, dev
     return arrays
 
 
-def write_shards(plan: CachePlan, todo: list[ShardPlan], device: torch.device, part: int, model) -> PassTimes:
-    """Compute and write the shards of ``todo`` with an already loaded teacher ``model``."""
+def write_shards(plan: CachePlan, todo: list[ShardPlan], device: torch.device, part: int, model,
+                 writer: bool = True) -> PassTimes:
+    """Compute the shards of ``todo`` with an already loaded teacher ``model``; write them when ``writer`` (the
+    other ranks of a tensor-parallel part compute the same shards with it, and drop them)."""
     c = plan.job.cache
     head = LogitHead.of(model)
     # One thread cannot keep up with a GPU teacher; on a CPU teacher a second would take a core from it.
     threads = 1 if device.type == "cpu" else min(4, os.cpu_count() or 1)
-    writer = BackgroundShardWriter(plan.cache, get_format(c.format), c.compression_level, depth=threads + 1,
+    shard_writer = BackgroundShardWriter(plan.cache, get_format(c.format), c.compression_level, depth=threads + 1,
                                    threads=threads)
     total = sum(s.count for s in todo) * plan.job.data.seq_len
     progress = tqdm(total=total, unit="tok", unit_scale=True, desc=f"teacher pass (part {part})", file=sys.stderr)
     times = PassTimes()
     try:
         for shard in todo:
-            arrays = _shard_arrays(model, head, plan, shard, device, progress, times)
+            arrays = _shard_arrays(model, head, plan, shard, progress, times)
             began = time.perf_counter()
-            writer.submit(shard, arrays)
+            if writer:
+                shard_writer.submit(shard, arrays)
             times.writer_wait += time.perf_counter() - began
     finally:
         progress.close()
         began = time.perf_counter()
-        writer.close()
+        shard_writer.close()
         times.final_flush = time.perf_counter() - began
     return times
