@@ -35,6 +35,8 @@ IDENTITY_NAME = "fingerprint.json"
 CONFIG_NAME = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
 DONE_SUFFIX = ".done.json"
+TOKENS_DIR = "tokens"
+"""Where the token store of the packed data lives; it may precede the claim, so ``claim`` accepts it."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ class CacheDirectory:
     def claim(self, config_yaml: str) -> None:
         """Mark the directory as this fingerprint's cache; refuse another cache's files or unrelated ones."""
         # fingerprint.json is always written first, so a listing that shows other files shows it too.
-        entries = [p.name for p in self.path.iterdir() if not p.name.startswith(".")]
+        entries = [p.name for p in self.path.iterdir() if not p.name.startswith(".") and p.name != TOKENS_DIR]
         if IDENTITY_NAME in entries:
             found = _read_json(self.path / IDENTITY_NAME).get("fingerprint")
             if found != self.fingerprint:
