@@ -129,6 +129,7 @@ def test_torchrun_two_processes_match_one(tmp_path, llama_dir, corpus_jsonl):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "part 1/2" in run.stderr and "part 0/2" in run.stderr
+    assert run.stderr.count("] tokenizing ") == 1  # one rank built the token store; the other memory-mapped it
     assert shard_hashes(two) == shard_hashes(tmp_path / "one")
 
 
