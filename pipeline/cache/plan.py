@@ -16,7 +16,7 @@ from storage.atomic import ensure_writable
 from storage.formats import get_format
 from storage.manifest import FORMAT_VERSION, Manifest, fingerprint
 from storage.schema import FIELDS, NARROW_PAD
-from storage.writer import CacheDirectory, ShardPlan, plan_shards
+from storage.writer import CacheDirectory, ShardPlan, plan_shards, refuse_foreign
 
 
 @dataclass
@@ -115,6 +115,8 @@ def _store_root(job: CacheJob) -> Path:
 def prepare_tokens(job: CacheJob) -> tuple[object, object, int, TokenStore]:
     """Load the teacher's config and tokenizer, check them, and open (or build) the token store of ``job.data``."""
     ensure_writable(_store_root(job), "cache.dir" if job.cache.dir else "cache.root")
+    if job.cache.dir:
+        refuse_foreign(Path(job.cache.dir))  # before the token store is written into someone else's folder
     t = job.teacher
     hf_config, tokenizer = load_config_and_tokenizer(t.model, t.revision, t.trust_remote_code)
     vocab_size = _check_against_model(job, hf_config)
