@@ -28,6 +28,15 @@ def _cache(args) -> int:
     return 0
 
 
+def _prepare(args) -> int:
+    from pipeline.cache.config import CacheJob
+    from pipeline.cache.plan import prepare_tokens
+    from pipeline.config_loading import load_config
+
+    print(prepare_tokens(load_config(CacheJob, args.config, args.overrides))[3].directory)
+    return 0
+
+
 def _train(args) -> int:
     from pipeline.config_loading import load_config
     from pipeline.train.config import TrainJob
@@ -164,13 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--num-shards", type=int, default=1, help="number of parallel jobs (e.g. Slurm array size)")
     cache.add_argument("--shard-index", type=int, default=0, help="this job's index in [0, num-shards)")
     cache.add_argument("--finalize", action="store_true", help="only assemble the manifest from finished shards")
+    _stage_parser(commands, "prepare", _prepare, "tokenize and pack the data once into the cache's token store "
+                  "(before a Slurm array, so its tasks only memory-map it)", CacheJob, "data.seq_len=1024")
     _stage_parser(commands, "train", _train, "train a student on cached soft targets", TrainJob, "train.steps=200")
     _stage_parser(commands, "pretrain", _pretrain, "train a model with cross-entropy on raw text", PretrainJob,
                   "train.steps=200")
     run = _stage_parser(commands, "run", _run, "run a multi-round pipeline (or one stage of one round)", RunJob,
                         "run.dir=runs/x")
     run.add_argument("--round", type=int, help="only this round (1-based)")
-    run.add_argument("--stage", choices=["cache", "train"], help="only this stage")
+    run.add_argument("--stage", choices=["prepare", "cache", "train"],
+                     help="only this stage (prepare: the token store of the cache stage)")
     run.add_argument("--num-shards", type=int, default=1, help="parallel cache jobs (Slurm array size)")
     run.add_argument("--shard-index", type=int, default=0, help="this cache job's index")
 

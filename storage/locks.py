@@ -10,6 +10,7 @@ import fcntl
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from storage.errors import DirectoryInUseError
@@ -22,8 +23,9 @@ class DirectoryLock:
         self.path = Path(directory) / name
         self._handle = None
 
-    def acquire(self, what: str) -> None:
-        """Take the lock, or raise ``DirectoryInUseError`` naming the holder; ``what`` names the directory's key."""
+    def acquire(self, what: str, on_wait: Callable[[str], None] | None = None) -> None:
+        """Take the lock. When another process holds it, raise ``DirectoryInUseError`` naming the holder (``what``
+        names the directory's key), or, given ``on_wait``, call it with the holder and wait for the lock."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+", encoding="utf-8")
         try:
@@ -31,10 +33,14 @@ class DirectoryLock:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            handle.close()
-            raise DirectoryInUseError(
-                f"{what} {self.path.parent} is in use by {holder}; wait for that job to end or stop it "
-                "(a torchrun worker left running by a killed launcher holds it until it exits)") from None
+            if on_wait is not None:
+                on_wait(holder)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            else:
+                handle.close()
+                raise DirectoryInUseError(
+                    f"{what} {self.path.parent} is in use by {holder}; wait for that job to end or stop it "
+                    "(a torchrun worker left running by a killed launcher holds it until it exits)") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")

@@ -35,6 +35,8 @@ IDENTITY_NAME = "fingerprint.json"
 CONFIG_NAME = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
 DONE_SUFFIX = ".done.json"
+TOKENS_DIR = "tokens"
+"""Where the token store of the packed data lives; it may precede the claim, so ``claim`` accepts it."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,15 @@ def _read_json(path: Path) -> dict:
         raise ManifestError(f"{path} is not valid JSON ({exc})") from None
 
 
+def refuse_foreign(path: Path) -> None:
+    """Raise ``ForeignDirectoryError`` when ``path`` holds files but is not a Distillery cache (nor only a token store)."""
+    # fingerprint.json is always written first, so a listing that shows other files shows it too.
+    entries = [p.name for p in path.iterdir() if not p.name.startswith(".") and p.name != TOKENS_DIR]
+    if entries and IDENTITY_NAME not in entries:
+        raise ForeignDirectoryError(
+            f"cache.dir {path} is not empty and is not a Distillery cache; choose an empty directory")
+
+
 class CacheDirectory:
     """One cache directory of one fingerprint, and every step of writing it."""
 
@@ -91,17 +102,13 @@ class CacheDirectory:
 
     def claim(self, config_yaml: str) -> None:
         """Mark the directory as this fingerprint's cache; refuse another cache's files or unrelated ones."""
-        # fingerprint.json is always written first, so a listing that shows other files shows it too.
-        entries = [p.name for p in self.path.iterdir() if not p.name.startswith(".")]
-        if IDENTITY_NAME in entries:
+        refuse_foreign(self.path)
+        if (self.path / IDENTITY_NAME).is_file():
             found = _read_json(self.path / IDENTITY_NAME).get("fingerprint")
             if found != self.fingerprint:
                 raise FingerprintMismatchError(
                     f"{self.path} holds a partial cache with fingerprint {found}, but these settings give "
                     f"{self.fingerprint}; use another cache.dir, or delete that directory to discard it")
-        elif entries:
-            raise ForeignDirectoryError(
-                f"cache.dir {self.path} is not empty and is not a Distillery cache; choose an empty directory")
         write_json(self.path / IDENTITY_NAME, {"fingerprint": self.fingerprint})
         write_text(self.path / CONFIG_NAME, config_yaml)
 

@@ -21,6 +21,7 @@ def test_quick_bench_writes_every_section(tmp_path, capsys):
     assert {"cache_over_forward", "cache_over_forward_spread", "end_to_end_over_forward"} <= results["stage1"][0].keys()
     assert {"kd_topk_over_ce", "online_over_kd_sample"} <= results["stage2"][0].keys()
     assert [r["data_factor"] for r in results["scaling"]] == [1, 4, 16]
+    assert [r["data_factor"] for r in results["stage1_memory"]] == [1, 10] and results["stage1_memory"][-1]["rss_over_1x"] > 0
     assert {r["student"] for r in results["quality"]} >= {"ce_only", "chain_mid_to_small", "chain_direct_small"}
     assert [r["strategy"] for r in results["parallel"]] == ["single", "ddp", "fsdp"]
     assert all(r["tok_per_s"] > 0 for r in results["parallel"]) and results["parallel"][0]["over_single"] == 1.0

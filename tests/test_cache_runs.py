@@ -34,7 +34,7 @@ def test_exact_output_files(reference):
     manifest = read_manifest(reference)
     shards = [s.path for s in manifest.shards]
     assert shards[0] == "train-00000.arrow" and manifest.shards_for("eval")[0].path == "eval-00000.arrow"
-    expected = {"manifest.json", "fingerprint.json", "config.yaml", "tokenizer"}
+    expected = {"manifest.json", "fingerprint.json", "config.yaml", "tokenizer", "tokens"}
     expected |= {p for s in shards for p in (s, s + ".done.json")}
     assert {p.name for p in reference.iterdir()} == expected
     assert manifest.splits["train"]["sequences"] + manifest.splits["eval"]["sequences"] == sum(
@@ -129,6 +129,7 @@ def test_torchrun_two_processes_match_one(tmp_path, llama_dir, corpus_jsonl):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "part 1/2" in run.stderr and "part 0/2" in run.stderr
+    assert run.stderr.count("] tokenizing ") == 1  # one rank built the token store; the other memory-mapped it
     assert shard_hashes(two) == shard_hashes(tmp_path / "one")
 
 

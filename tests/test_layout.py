@@ -92,7 +92,7 @@ def test_a_wheel_ships_the_templates_and_assets(tmp_path):
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "site"), str(tmp_path / "scripts")],
                           cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["3"]
+    assert done.stdout.split() == ["4"]
 
 
 def test_only_dist_reads_the_torchrun_environment():

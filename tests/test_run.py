@@ -225,12 +225,15 @@ def test_stage_lock_names_its_holder_and_takes_over_stale_locks(tmp_path):
 def test_slurm_templates_render_to_valid_bash(tmp_path, first_run):
     _, config = first_run
     paths = render(str(config), 2, 4, tmp_path / "slurm", str(tmp_path / "run"), gpus=2)
-    assert [p.name for p in paths] == ["cache_array.sbatch", "train.sbatch", "submit.sh"]
+    assert [p.name for p in paths] == ["prepare.sbatch", "cache_array.sbatch", "train.sbatch", "submit.sh"]
     for path in paths:
         text = path.read_text()
         assert "${ROUND}" not in text and "${CONFIG}" not in text
         check = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
-    array = paths[0].read_text()
+    assert "--round 2 --stage prepare" in paths[0].read_text()
+    array = paths[1].read_text()
     assert "#SBATCH --array=0-3" in array and "--round 2 --stage cache" in array and "-eq 75" in array
-    assert "--nproc_per_node 2" in paths[1].read_text()
+    assert "--nproc_per_node 2" in paths[2].read_text()
+    submit = paths[3].read_text()
+    assert submit.index("prepare.sbatch") < submit.index('afterok:"$prepare_job" "') < submit.index("cache_array")

@@ -1,6 +1,6 @@
 """``distillery bench``: measure the pipeline and write ``results.json`` plus ``results.md``.
 
-Sections: ``storage``, ``stage1``, ``stage2``, ``quality``, ``scaling`` and ``parallel``,
+Sections: ``storage``, ``stage1``, ``stage1_memory``, ``stage2``, ``quality``, ``scaling`` and ``parallel``,
 each a list of flat records. Comparisons run interleaved in one process
 (or one run) and report medians with min-max spreads. Everything is built
 locally: the 8k BPE, a random-init 17M teacher for throughput, and the
@@ -20,6 +20,7 @@ import torch
 
 from pipeline.bench.parallel import strategy_records
 from pipeline.bench.quality import CACHE_SETTINGS, quality_records, summarize_quality, train_and_score
+from pipeline.bench.scaling import memory_records as stage1_memory_records
 from pipeline.bench.stage1 import run_settings
 from pipeline.bench.stage2 import memory_records, peak_rss_of_training, step_ratios
 from pipeline.bench.storage import StudentGradients, default_settings, model_logits, storage_records
@@ -38,10 +39,11 @@ STUDENT = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 512, 
 SMALL = {**STUDENT, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 1}
 FULL = {"vocab": 8192, "hidden": 384, "layers": 6, "heads": 6, "stage1_tokens": 200_000, "seq_len": 512,
         "quality_tokens": 200_000, "quality_seq": 128, "steps": 80, "batch": 8, "seeds": 2, "key_seeds": 3,
-        "scaling_tokens": 16_384, "parallel_steps": 30, "students": (STUDENT, SMALL), "subset": None}
+        "scaling_tokens": 16_384, "memory_documents": 2000, "parallel_steps": 30, "students": (STUDENT, SMALL),
+        "subset": None}
 QUICK = {"vocab": 512, "hidden": 32, "layers": 1, "heads": 2, "stage1_tokens": 4096, "seq_len": 64,
          "quality_tokens": 4096, "quality_seq": 32, "steps": 3, "batch": 4, "seeds": 1, "key_seeds": 1,
-         "scaling_tokens": 1024, "parallel_steps": 3,
+         "scaling_tokens": 1024, "memory_documents": 100, "parallel_steps": 3,
          "students": ({**SMALL, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
                        "num_key_value_heads": 2},) * 2, "subset": 3}
 
@@ -124,6 +126,7 @@ def run_bench(out: str | Path, quick: bool = False, teacher: str | Path | None =
                                          eval_ids, default_settings()[: size["subset"]], out / "scratch-storage",
                                          copies=2 if quick else 8, repeats=1 if quick else 3)
     results["stage1"] = run_settings(stage1_settings(out, random_teacher, size))
+    results["stage1_memory"] = stage1_memory_records(random_teacher, out, size["memory_documents"], size["seq_len"])
     ratios = step_ratios(caches["topk64"], caches["sample50"], teacher, size["students"][0], size["batch"],
                          rounds=2 if quick else 15)
     results["stage2"] = [ratios, *memory_records(caches["sample50"], common, out)]
@@ -187,6 +190,8 @@ def results_markdown(results: dict) -> str:
                                "forward_tok_per_s", "cache_over_forward", "cache_over_forward_spread",
                                "end_to_end_over_forward", "end_to_end_spread",
                                "teacher_s", "other_s", "final_flush_s", "bytes_per_token", "peak_rss_mb"]),
+        ("Stage 1 memory (one of 4 parts, shards of 64 sequences)", "stage1_memory",
+         ["data_factor", "documents", "tokens", "part_rows", "peak_rss_mb", "rss_over_1x"]),
         ("Stage 2", "stage2", ["kd_topk_over_ce", "kd_sample_over_ce", "online_over_kd_sample", "ce_step_s",
                                "cache_copies", "peak_rss_mb", "data_wait", "startup_wait_s"]),
         ("Quality", "quality", ["student", "seeds", "bytes_per_token", "kl", "kl_spread", "kl_over_online",

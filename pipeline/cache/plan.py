@@ -8,14 +8,15 @@ from pipeline import __version__
 from pipeline.cache.config import CacheJob
 from pipeline.cache.reduce import slot_width
 from pipeline.config_loading import to_dict
-from pipeline.data.pack import PackedSplit, data_identity, prepare_splits
+from pipeline.data.pack import PackedSplit, data_identity
+from pipeline.data.store import TokenStore, token_store
 from pipeline.errors import ConfigError, DataError, TeacherError
 from pipeline.hf import load_config_and_tokenizer, max_positions, teacher_identity, tokenizer_sha256
 from storage.atomic import ensure_writable
 from storage.formats import get_format
 from storage.manifest import FORMAT_VERSION, Manifest, fingerprint
 from storage.schema import FIELDS, NARROW_PAD
-from storage.writer import CacheDirectory, ShardPlan, plan_shards
+from storage.writer import CacheDirectory, ShardPlan, plan_shards, refuse_foreign
 
 
 @dataclass
@@ -106,25 +107,34 @@ def _header(job: CacheJob, hf_config, tokenizer, vocab_size: int, width: int, te
     )
 
 
-def make_plan(job: CacheJob) -> CachePlan:
-    """Validate everything that can be checked without the teacher's weights."""
+def _store_root(job: CacheJob) -> Path:
+    """The directory the user named: the token store lives there, shared by every cache of a ``cache.root``."""
+    return Path(job.cache.dir or job.cache.root)
+
+
+def prepare_tokens(job: CacheJob) -> tuple[object, object, int, TokenStore]:
+    """Load the teacher's config and tokenizer, check them, and open (or build) the token store of ``job.data``."""
+    ensure_writable(_store_root(job), "cache.dir" if job.cache.dir else "cache.root")
     if job.cache.dir:
-        ensure_writable(Path(job.cache.dir), "cache.dir")
-    else:
-        ensure_writable(Path(job.cache.root), "cache.root")
+        refuse_foreign(Path(job.cache.dir))  # before the token store is written into someone else's folder
     t = job.teacher
     hf_config, tokenizer = load_config_and_tokenizer(t.model, t.revision, t.trust_remote_code)
     vocab_size = _check_against_model(job, hf_config)
-    splits = prepare_splits(job.data, tokenizer)
-    top_id = max(int(s.input_ids.max()) for s in splits.values())
-    if top_id >= vocab_size:
-        raise DataError(f"token id {top_id} from the tokenizer is outside the teacher's vocab ({vocab_size})")
+    store = token_store(_store_root(job), job.data, tokenizer, tokenizer_sha256(tokenizer))
+    if store.max_id >= vocab_size:
+        raise DataError(f"token id {store.max_id} from the tokenizer is outside the teacher's vocab ({vocab_size})")
+    return hf_config, tokenizer, vocab_size, store
+
+
+def make_plan(job: CacheJob) -> CachePlan:
+    """Validate everything that can be checked without the teacher's weights."""
+    hf_config, tokenizer, vocab_size, store = prepare_tokens(job)
     width = slot_width(job.cache.mode, job.cache.top_k, job.cache.samples, vocab_size)
-    teacher = teacher_identity(t.model, t.revision, hf_config)
-    data = data_identity(job.data, splits)
+    teacher = teacher_identity(job.teacher.model, job.teacher.revision, hf_config)
+    data = data_identity(job.data, store.documents, store.sha256)
     identity = _fingerprint_identity(job, teacher, tokenizer_sha256(tokenizer), data, width)
     header = _header(job, hf_config, tokenizer, vocab_size, width, teacher, data, identity)
     directory = Path(job.cache.dir) if job.cache.dir else Path(job.cache.root) / header.fingerprint
-    sequences = {name: len(s.input_ids) for name, s in splits.items()}
+    sequences = {name: len(s.input_ids) for name, s in store.splits.items()}
     shards = plan_shards(sequences, job.cache.shard_size, get_format(job.cache.format).suffix)
-    return CachePlan(job, tokenizer, splits, vocab_size, width, header, directory, shards)
+    return CachePlan(job, tokenizer, store.splits, vocab_size, width, header, directory, shards)

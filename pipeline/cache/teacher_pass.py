@@ -91,7 +91,7 @@ def load_teacher(plan: CachePlan, device: torch.device):
                            f"vocab_size={plan.vocab_size}")
     first = plan.splits[plan.shards[0].split].input_ids[:1]
     with torch.inference_mode():
-        check_logit_head(model, head, torch.from_numpy(first).long().to(input_device(model)))
+        check_logit_head(model, head, torch.from_numpy(first.astype(np.int64)).to(input_device(model)))
     return model
 
 
@@ -107,7 +107,7 @@ def _shard_arrays(model, head: LogitHead, plan: CachePlan, shard: ShardPlan, pro
             raise preempt.Preempted(f"stopped before shard {shard.name}; rerun the command to resume")
         hi = min(lo + plan.job.cache.batch_size, shard.start + shard.count)
         began = time.perf_counter()
-        ids = torch.from_numpy(split.input_ids[lo:hi]).long().to(device)
+        ids = torch.from_numpy(split.input_ids[lo:hi].astype(np.int64)).to(device)  # a copy: the rows are a read-only map
         with torch.inference_mode():
             parts.append(batch_targets(model, head, plan, shard.split, lo, ids))
         times.teacher += time.perf_counter() - began

@@ -37,7 +37,10 @@ class DataConfig:
     seed: int = 0
     """Seed of the held-out document selection."""
     num_proc: int = 1
-    """Processes for tokenization (``datasets.map``)."""
+    """Processes for tokenization."""
+    streaming: bool = False
+    """Read documents with ``datasets`` streaming (an ``IterableDataset``): nothing is downloaded or converted
+    up front. ``holdout_fraction`` then reads the data twice, once to count the documents."""
 
     def __post_init__(self):
         raise_problems(

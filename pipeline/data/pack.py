@@ -1,8 +1,11 @@
-"""Tokenize documents and pack them into fixed-length sequences with a loss mask.
+"""Tokenize documents batch by batch and pack them, streaming, into fixed-length sequences with a loss mask.
 
 Documents are joined with EOS into one token stream and cut into blocks of
 ``seq_len`` tokens. The final partial block is kept and padded with the
-tokenizer's pad token (EOS when there is none).
+tokenizer's pad token (EOS when there is none). The stream arrives one batch
+of documents at a time; only the partial block is carried between batches,
+so memory does not grow with the data (``pipeline.data.store`` writes the
+rows to disk as they are cut).
 
 ``loss_mask[j] = 1`` when the token after ``input_ids[j]`` is a training
 target: a real token for plain text, a response token for instruction and
@@ -14,10 +17,11 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.data.config import DataConfig
 from pipeline.data.encode import make_encoder, required_columns
-from pipeline.data.load import load_documents
+from pipeline.data.sources import routed_batches, split_names
 from pipeline.errors import DataError
 
 
@@ -37,25 +41,23 @@ class PackedSplit:
         return int(self.input_ids.size)
 
 
-def _token_stream(dataset, tokenizer, cfg: DataConfig, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize every document and join them with EOS: int32 ids and uint8 target flags, one per token."""
-    encoded = dataset.map(
-        make_encoder(cfg, tokenizer), batched=True, remove_columns=dataset.column_names,
-        num_proc=cfg.num_proc if cfg.num_proc > 1 else None, desc="tokenizing",
-    )
-    ids_column = encoded.data.column("ids").combine_chunks()
-    targets_column = encoded.data.column("targets").combine_chunks()
-    ids = ids_column.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
-    targets = targets_column.flatten().to_numpy(zero_copy_only=False).astype(np.uint8)
-    ends = np.cumsum(np.diff(ids_column.offsets.to_numpy()))
-    starts = np.concatenate([[0], ends[:-1]])
-    eos_target = np.maximum.reduceat(targets, starts) if len(targets) else np.zeros(len(ends), np.uint8)
-    eos_target[starts == ends] = 0  # reduceat reads the next document for empty ones
-    return np.insert(ids, ends, np.int32(eos_id)), np.insert(targets, ends, eos_target.astype(np.uint8))
+def batch_stream(encoded: dict, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """One batch's documents joined with EOS: int32 ids and uint8 target flags, one per token.
+
+    The EOS that ends a document is a target when the document has any target.
+    """
+    ids_column = pa.array(encoded["ids"], type=pa.list_(pa.int32()))
+    ids = ids_column.flatten().to_numpy(zero_copy_only=False)
+    targets = pa.array(encoded["targets"], type=pa.list_(pa.uint8())).flatten().to_numpy(zero_copy_only=False)
+    lengths = np.diff(ids_column.offsets.to_numpy())
+    ends = np.cumsum(lengths)
+    running = np.concatenate([[0], np.cumsum(targets, dtype=np.int64)])
+    eos_target = (running[ends] - running[ends - lengths] > 0).astype(np.uint8)
+    return np.insert(ids, ends, np.int32(eos_id)), np.insert(targets, ends, eos_target)
 
 
 def pack(stream: np.ndarray, targets: np.ndarray, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut a token stream into (n, seq_len) blocks, padding the last one.
+    """Cut a whole token stream into (n, seq_len) blocks, padding the last one.
 
     Returns ids (n, T) int32 and loss_mask (n, T) uint8, where row j's mask is
     the target flag of the token after it (0 after the end of the stream).
@@ -68,56 +70,129 @@ def pack(stream: np.ndarray, targets: np.ndarray, seq_len: int, pad_id: int) -> 
     return ids.reshape(n, seq_len), mask.reshape(n, seq_len)
 
 
-def _holdout_indices(n_docs: int, fraction: float, seed: int) -> np.ndarray:
-    n_eval = max(1, round(n_docs * fraction))
-    if n_eval >= n_docs:
-        raise DataError(
-            f"data.holdout_fraction {fraction} of {n_docs} documents leaves nothing to train on; lower it"
-        )
-    return np.sort(np.random.default_rng(seed).permutation(n_docs)[:n_eval])
+class RowPacker:
+    """Cuts a token stream that arrives in pieces into rows for ``sink``, as ``pack`` would cut the whole stream.
+
+    A row is emitted once the token after it has arrived (its last mask bit is
+    that token's target flag), so the carry is at most ``seq_len`` tokens. With
+    ``limit``, the packer is ``full`` after that many rows and ignores the rest.
+    """
+
+    def __init__(self, seq_len: int, pad_id: int, sink, limit: int | None = None):
+        self.seq_len, self.pad_id, self.sink, self.limit = seq_len, pad_id, sink, limit
+        self.carry_ids, self.carry_targets = np.empty(0, np.int32), np.empty(0, np.uint8)
+        self.rows = self.documents = self.real_tokens = self.max_id = 0
+        self.any_target = False
+        self.ids_digest, self.mask_digest = hashlib.sha256(), hashlib.sha256()
+
+    @property
+    def full(self) -> bool:
+        return self.limit is not None and self.rows >= self.limit
+
+    def add(self, ids: np.ndarray, targets: np.ndarray, documents: int) -> None:
+        if self.full:
+            return
+        self.documents += documents
+        self.real_tokens += len(ids) - documents  # one EOS per document
+        ids = np.concatenate([self.carry_ids, ids])
+        targets = np.concatenate([self.carry_targets, targets])
+        count = (len(ids) - 1) // self.seq_len
+        if self.limit is not None:
+            count = min(count, self.limit - self.rows)
+        end = count * self.seq_len
+        if count:
+            self._emit(ids[:end].reshape(count, -1), targets[1 : end + 1].reshape(count, -1))
+        self.carry_ids, self.carry_targets = ids[end:], targets[end:]
+
+    def finish(self) -> None:
+        """Pad and emit the final partial row."""
+        left = len(self.carry_ids)
+        if self.full or not left:
+            return
+        ids = np.full((1, self.seq_len), self.pad_id, dtype=np.int32)
+        ids[0, :left] = self.carry_ids
+        mask = np.zeros((1, self.seq_len), dtype=np.uint8)
+        mask[0, : left - 1] = self.carry_targets[1:]
+        self._emit(ids, mask)
+
+    def _emit(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        self.sink.write(ids, mask)
+        self.ids_digest.update(ids.tobytes())
+        self.mask_digest.update(mask.tobytes())
+        self.rows += len(ids)
+        self.any_target = self.any_target or bool(mask.any())
+        self.max_id = max(self.max_id, int(ids.max()))
 
 
-def _pack_split(dataset, tokenizer, cfg: DataConfig, eos_id: int, pad_id: int, name: str) -> PackedSplit:
-    stream, targets = _token_stream(dataset, tokenizer, cfg, eos_id)
-    if len(stream) == len(dataset):  # only the EOS separators: every document was empty
-        raise DataError(f"the {name} split of {cfg.path!r} has no tokens; its documents are empty")
-    ids, mask = pack(stream, targets, cfg.seq_len, pad_id)
-    if not mask.any():
-        raise DataError(f"the {name} split of {cfg.path!r} has no target tokens (no responses); check data.format")
-    return PackedSplit(ids, mask, len(dataset))
+class MemoryRows:
+    """A packer sink that keeps the rows in memory (``pretrain`` and small tests)."""
+
+    def __init__(self):
+        self.ids: list[np.ndarray] = []
+        self.masks: list[np.ndarray] = []
+
+    def write(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        self.ids.append(ids)
+        self.masks.append(mask)
+
+    def split(self, seq_len: int, documents: int) -> PackedSplit:
+        empty = np.empty((0, seq_len))
+        return PackedSplit(np.concatenate([empty.astype(np.int32), *self.ids]),
+                           np.concatenate([empty.astype(np.uint8), *self.masks]), documents)
 
 
-def prepare_splits(cfg: DataConfig, tokenizer) -> dict[str, PackedSplit]:
-    """Load, split, tokenize and pack the data; returns ``{"train": ..., "eval": ...}`` (eval optional)."""
+def special_ids(tokenizer) -> tuple[int, int]:
+    """The EOS that joins documents and the pad id of the final block (EOS when there is no pad token)."""
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise DataError("the tokenizer has no EOS token, so documents cannot be joined; set tokenizer.eos_token")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    documents = load_documents(cfg.path, cfg.split, required_columns(cfg))
-    if len(documents) == 0:
-        raise DataError(f"data.path {cfg.path!r} split {cfg.split!r} is empty")
-    sources = {"train": documents}
-    if cfg.eval_path:
-        sources["eval"] = load_documents(cfg.eval_path, cfg.eval_split or cfg.split, required_columns(cfg))
-    elif cfg.holdout_fraction > 0:
-        held = _holdout_indices(len(documents), cfg.holdout_fraction, cfg.seed)
-        keep = np.setdiff1d(np.arange(len(documents)), held)
-        sources = {"train": documents.select(keep), "eval": documents.select(held)}
-    splits = {name: _pack_split(ds, tokenizer, cfg, eos_id, pad_id, name) for name, ds in sources.items()}
-    if cfg.max_tokens is not None:
-        train = splits["train"]
-        n = max(1, cfg.max_tokens // cfg.seq_len)
-        splits["train"] = PackedSplit(train.input_ids[:n], train.loss_mask[:n], train.documents)
-    return splits
+    return eos_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
 
 
-def data_identity(cfg: DataConfig, splits: dict[str, PackedSplit]) -> dict:
-    """Description and content hash of the packed data, for the manifest and fingerprint."""
+def _check_split(cfg: DataConfig, name: str, packer: RowPacker) -> None:
+    if not packer.real_tokens:
+        raise DataError(f"the {name} split of {cfg.path!r} has no tokens; its documents are empty")
+    if not packer.any_target:
+        raise DataError(f"the {name} split of {cfg.path!r} has no target tokens (no responses); check data.format")
+
+
+def pack_documents(cfg: DataConfig, tokenizer, sinks: dict) -> dict[str, RowPacker]:
+    """Read, split, tokenize and pack the data into ``sinks`` (one per name of ``split_names``), batch by batch.
+
+    ``data.max_tokens`` stops reading training documents once its rows exist.
+    """
+    eos_id, pad_id = special_ids(tokenizer)
+    limit = max(1, cfg.max_tokens // cfg.seq_len) if cfg.max_tokens is not None else None
+    packers = {name: RowPacker(cfg.seq_len, pad_id, sink, limit if name == "train" else None)
+               for name, sink in sinks.items()}
+    for name, encoded in routed_batches(cfg, make_encoder(cfg, tokenizer), lambda: packers["train"].full):
+        ids, targets = batch_stream(encoded, eos_id)
+        packers[name].add(ids, targets, len(encoded["ids"]))
+    for name in split_names(cfg):
+        packers[name].finish()
+        _check_split(cfg, name, packers[name])
+    return packers
+
+
+def content_sha256(packers: dict[str, RowPacker]) -> str:
+    """The hash of the packed data: per split (sorted by name), its name and the sha256 of its ids and its mask."""
     digest = hashlib.sha256()
-    for name in sorted(splits):
+    for name in sorted(packers):
         digest.update(name.encode())
-        digest.update(splits[name].input_ids.tobytes())
-        digest.update(splits[name].loss_mask.tobytes())
+        digest.update(packers[name].ids_digest.digest())
+        digest.update(packers[name].mask_digest.digest())
+    return digest.hexdigest()
+
+
+def prepare_splits(cfg: DataConfig, tokenizer) -> dict[str, PackedSplit]:
+    """Pack the data in memory; returns ``{"train": ..., "eval": ...}`` (eval optional)."""
+    sinks = {name: MemoryRows() for name in split_names(cfg)}
+    packers = pack_documents(cfg, tokenizer, sinks)
+    return {name: sinks[name].split(cfg.seq_len, packers[name].documents) for name in sinks}
+
+
+def data_identity(cfg: DataConfig, documents: dict[str, int], sha256: str) -> dict:
+    """Description and content hash of the packed data, for the manifest and fingerprint."""
     return {
         "path": cfg.path,
         "split": cfg.split,
@@ -127,6 +202,6 @@ def data_identity(cfg: DataConfig, splits: dict[str, PackedSplit]) -> dict:
         "holdout_fraction": cfg.holdout_fraction,
         "seed": cfg.seed,
         "max_tokens": cfg.max_tokens,
-        "documents": {name: s.documents for name, s in splits.items()},
-        "sha256": digest.hexdigest(),
+        "documents": documents,
+        "sha256": sha256,
     }

@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+from pipeline.cache.plan import prepare_tokens
 from pipeline.cache.run import run_cache
 from pipeline.config_loading import to_yaml
 from pipeline.dist import world
@@ -69,6 +70,9 @@ def run_pipeline(job: RunJob, round_index: int | None = None, stage: str | None 
     for index in rounds:
         if not 1 <= index <= job.round_count():
             raise ValueError(f"--round {index} is outside 1..{job.round_count()}")
+        if stage == "prepare":  # not a stage of state.json: the cache stage reuses (or rebuilds) the store itself
+            log.info(f"round {index}: token store {prepare_tokens(cache_job(job, index))[3].directory}")
+            continue
         for name in [stage] if stage else STAGES:
             if stage_record(run_dir, index, name).get("status") == "done":
                 log.info(f"round {index} {name}: complete, skipped")

@@ -9,13 +9,13 @@ from pipeline.preempt import PREEMPTED_EXIT
 from storage.atomic import write_text
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-NAMES = ("cache_array.sbatch", "train.sbatch", "submit.sh")
+NAMES = ("prepare.sbatch", "cache_array.sbatch", "train.sbatch", "submit.sh")
 
 
 def render(config: str, round_index: int, num_tasks: int, out_dir: str | Path, run_dir: str, gpus: int = 8,
            time_limit: str = "24:00:00", workdir: str | None = None, distillery: str = "distillery",
            templates: Path = TEMPLATES) -> list[Path]:
-    """Write the three scripts for ``round_index`` into ``out_dir``; return their paths."""
+    """Write the four scripts for ``round_index`` into ``out_dir``; return their paths."""
     out_dir = Path(out_dir)
     values = {
         "ROUND": str(round_index), "NUM_TASKS": str(num_tasks), "LAST_TASK": str(num_tasks - 1),
