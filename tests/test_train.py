@@ -90,6 +90,28 @@ def test_outputs_resume_bitwise_and_final_generates(tmp_path, topk_cache, monkey
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 5
 
 
+def test_tied_weights_checkpoint_and_resume_bitwise(tmp_path, topk_cache, monkeypatch):
+    """A GPT-2 student shares its embedding with its head: the checkpoint saves it once and restores both. Its
+    dropout also makes the resume depend on restoring the RNG after everything else that draws from it."""
+    tied = "{model_type: gpt2, n_embd: 32, n_layer: 1, n_head: 2, tie_word_embeddings: true}"  # with GPT-2's dropout
+    settings = {"student.config": tied, "train.steps": 4, "train.checkpoint_every": 2, "train.eval_every": 0}
+    whole = train(train_args(topk_cache, tmp_path / "whole", **settings))
+    original = train_module.MetricsLog.write
+
+    def crash_at_step_3(self, record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt("preempted")
+        original(self, record)
+
+    monkeypatch.setattr(train_module.MetricsLog, "write", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(train_args(topk_cache, tmp_path / "resumed", **settings))
+    monkeypatch.setattr(train_module.MetricsLog, "write", original)
+    resumed = train(train_args(topk_cache, tmp_path / "resumed", **settings))
+    a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_kd_lowers_held_out_kl(tmp_path, topk_cache):
     out = train(train_args(topk_cache, tmp_path / "o", **{"train.steps": 30, "train.eval_every": 1,
                                                           "train.checkpoint_every": 0, "train.lr": 0.01}))

@@ -6,8 +6,11 @@ benchmark (a full cache pass, then the interleaved batch-by-batch ratio to a
 bare forward) and converted to model FLOP/s and a fraction of the chip's bf16
 dense peak. Stage 2 times CE, cached KD and online KD steps interleaved for
 a 0.16B student, with the default loss chunk and with the whole micro-batch as
-one chunk (fewer, larger kernels). ``--quick`` shrinks every model so the script can be tried
-on a CPU; its figures mean nothing.
+one chunk (fewer, larger kernels). The engines section trains the student with
+``train.strategy`` single, ddp and fsdp on the one GPU (model FLOP utilisation
+from 6 x parameters per token, the attention and the loss's extra head pass
+left out), and caches once more with ``teacher.device_map: auto``. ``--quick``
+shrinks every model so the script can be tried on a CPU; its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -33,13 +36,13 @@ STUDENT_160M = {"model_type": "llama", "hidden_size": 768, "intermediate_size": 
                 "num_attention_heads": 12, "num_key_value_heads": 12, "max_position_embeddings": 2048,
                 "tie_word_embeddings": False}
 FULL = {"teacher": LLAMA_1B, "student": STUDENT_160M, "seq_len": 1024, "batch": 16, "chunk": 4096, "tokens": 600_000,
-        "train_batch": 8, "loss_chunk": 1024}
+        "train_batch": 8, "loss_chunk": 1024, "engine_steps": 60}
 QUICK = {"teacher": {**LLAMA_1B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
                      "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 9000},
          "student": {**STUDENT_160M, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                      "num_attention_heads": 2, "num_key_value_heads": 2},
          "seq_len": 64, "batch": 4, "chunk": 128, "tokens": 8192, "train_batch": 2,
-         "loss_chunk": 32}
+         "loss_chunk": 32, "engine_steps": 12}
 
 log = get_logger("bench")
 
@@ -91,12 +94,13 @@ def run(out: Path, quick: bool) -> dict:
     log.info(json.dumps(results))
     flops = forward_flops_per_token(size["teacher"], size["seq_len"])
     caches = {}
+    stage1_args = [f"teacher.model={teacher}", "teacher.dtype=bf16", f"data.path={CORPUS}",
+                   f"data.seq_len={size['seq_len']}", f"data.max_tokens={size['tokens']}", "data.holdout_fraction=0.01",
+                   f"cache.batch_size={size['batch']}", f"cache.chunk_size={size['chunk']}", "cache.shard_size=64",
+                   "cache.format=arrow", "device=auto"]
     for mode in (["cache.mode=topk", "cache.top_k=64"], ["cache.mode=sample", "cache.samples=50"]):
         cache_dir = out / f"cache-{mode[0].split('=')[1]}"
-        record = measure_one([f"teacher.model={teacher}", "teacher.dtype=bf16", f"data.path={CORPUS}",
-                              f"data.seq_len={size['seq_len']}", f"data.max_tokens={size['tokens']}",
-                              "data.holdout_fraction=0.01", f"cache.dir={cache_dir}", f"cache.batch_size={size['batch']}",
-                              f"cache.chunk_size={size['chunk']}", "cache.shard_size=64", "cache.format=arrow", "device=auto", *mode], keep=True)
+        record = measure_one([*stage1_args, f"cache.dir={cache_dir}", *mode], keep=True)
         for key in ("forward", "batch_cache", "cache"):
             tflops = record[f"{key}_tok_per_s"] * flops / 1e12
             record[f"{key}_tflops"] = tflops
@@ -107,7 +111,32 @@ def run(out: Path, quick: bool) -> dict:
     for chunk in (size["loss_chunk"], size["train_batch"] * size["seq_len"]):
         results["stage2"].append(step_ratios(caches["topk"], caches["sample"], teacher, size["student"],
                                              size["train_batch"], rounds=10, device=device, chunk_size=chunk))
+    results["engines"] = engine_records(caches["sample"], size, out, peak)
+    mapped = measure_one([*stage1_args, f"cache.dir={out / 'cache-device-map'}", "cache.mode=sample",
+                          "cache.samples=50", "teacher.device_map=auto"])
+    results["stage1"].append({**mapped, "mode": f"{mapped['mode']} (device_map auto)"})
     return results
+
+
+def engine_records(cache_dir: Path, size: dict, out: Path, peak: float | None) -> list[dict]:
+    """Stage-2 tokens/s and MFU of the student under each ``train.strategy`` on one GPU."""
+    from pipeline.bench.parallel import ONE_GPU, strategy_records
+
+    common = [f"student.config={json.dumps(size['student'])}", f"train.steps={size['engine_steps']}", f"train.batch_size={size['train_batch']}",
+              f"train.chunk_size={size['loss_chunk']}", "train.eval_every=0", "train.checkpoint_every=0",
+              "train.warmup_steps=2", "device=auto"]
+    records = strategy_records(cache_dir, common, out / "engines", rounds=2, layouts=ONE_GPU)
+    params = student_params(size["student"], vocab=8192)
+    for record in records:
+        record["mfu"] = 6 * params * record["tok_per_s"] / (peak * 1e12) if peak else None
+    return records
+
+
+def student_params(fields: dict, vocab: int) -> int:
+    """Parameters of a Llama student with an untied head."""
+    h, kv = fields["hidden_size"], fields["hidden_size"] * fields["num_key_value_heads"] // fields["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * fields["intermediate_size"] + 2 * h
+    return fields["num_hidden_layers"] * per_layer + 2 * vocab * h + h
 
 
 def markdown(results: dict) -> str:
@@ -120,7 +149,8 @@ def markdown(results: dict) -> str:
                                                 "writer_wait_s", "final_flush_s", "other_s"])
     stage2 = markdown_table(results["stage2"], ["loss_chunk", "kd_topk_over_ce", "kd_sample_over_ce", "online_over_kd_sample",
                                                 "online_over_kd_topk", "ce_step_s"])
-    return f"{head}\n## Stage 1\n\n{stage1}\n\n## Stage 2\n\n{stage2}\n"
+    engines = markdown_table(results["engines"], ["strategy", "tok_per_s", "tok_per_s_spread", "over_single", "mfu"])
+    return f"{head}\n## Stage 1\n\n{stage1}\n\n## Stage 2\n\n{stage2}\n\n## Stage 2 engines (one GPU)\n\n{engines}\n"
 
 
 if __name__ == "__main__":

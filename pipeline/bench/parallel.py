@@ -17,6 +17,8 @@ from pathlib import Path
 
 LAYOUTS = {"single": (1, 2), "ddp": (2, 1), "fsdp": (2, 1)}
 """strategy -> (processes, grad_accum): the same global batch for all three."""
+ONE_GPU = {"single": (1, 1), "ddp": (1, 1), "fsdp": (1, 1)}
+"""One process each: what the engines cost on one GPU."""
 
 
 def steady_tokens_per_s(out_dir: Path) -> float:
@@ -27,8 +29,8 @@ def steady_tokens_per_s(out_dir: Path) -> float:
     return (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"])
 
 
-def _train(strategy: str, overrides: list[str], out_dir: Path) -> float:
-    processes, accum = LAYOUTS[strategy]
+def _train(strategy: str, layout: tuple[int, int], overrides: list[str], out_dir: Path) -> float:
+    processes, accum = layout
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     command = [*(launcher if processes > 1 else [sys.executable]), "-m", "pipeline.cli", "-q", "train", *overrides,
                f"train.out_dir={out_dir}", f"train.strategy={strategy}", f"train.grad_accum={accum}",
@@ -39,15 +41,16 @@ def _train(strategy: str, overrides: list[str], out_dir: Path) -> float:
     return steady_tokens_per_s(out_dir)
 
 
-def strategy_records(cache_dir: Path, common: list[str], out: Path, rounds: int) -> list[dict]:
+def strategy_records(cache_dir: Path, common: list[str], out: Path, rounds: int,
+                     layouts: dict[str, tuple[int, int]] = LAYOUTS) -> list[dict]:
     """Median steady-state tokens/s per strategy, and each one's ratio to ``single``."""
     overrides = [f"cache.dir={cache_dir}", *[c for c in common if not c.startswith("train.log_every")],
                  "train.log_every=1"]
-    speeds: dict[str, list[float]] = {name: [] for name in LAYOUTS}
+    speeds: dict[str, list[float]] = {name: [] for name in layouts}
     for index in range(rounds):
-        for strategy in LAYOUTS:
-            speeds[strategy].append(_train(strategy, overrides, out / f"parallel-{strategy}-{index}"))
+        for strategy, layout in layouts.items():
+            speeds[strategy].append(_train(strategy, layout, overrides, out / f"parallel-{strategy}-{index}"))
     single = statistics.median(speeds["single"])
-    return [{"strategy": name, "processes": LAYOUTS[name][0], "grad_accum": LAYOUTS[name][1],
+    return [{"strategy": name, "processes": layouts[name][0], "grad_accum": layouts[name][1],
              "tok_per_s": statistics.median(values), "tok_per_s_spread": [min(values), max(values)],
              "over_single": statistics.median(values) / single} for name, values in speeds.items()]

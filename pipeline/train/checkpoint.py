@@ -32,18 +32,34 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "state.json").is_file())
 
 
-def _tensor_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """Model and optimizer tensors under one flat namespace, plus the two dicts they came from.
+def _storage(tensor: torch.Tensor) -> tuple:
+    """What identifies a tensor's memory (of this rank's shard, for a DTensor)."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), local.dtype
 
-    Under FSDP the tensors are this rank's DTensor shards; otherwise full tensors.
+
+def _tensor_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str], dict, dict]:
+    """Model and optimizer tensors under one flat namespace, the names left out as aliases, and the two dicts
+    they came from.
+
+    Tied weights (an embedding shared with the head) appear under two names; safetensors refuses shared
+    memory, so only the first name is saved and ``aliases`` maps the others to it. Under FSDP the tensors
+    are this rank's DTensor shards; otherwise full tensors.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer,
                                               options=StateDictOptions(flatten_optimizer_state_dict=True))
-    tensors = {f"model.{k}": v for k, v in model_state.items()}
+    tensors, aliases, first_name = {}, {}, {}
+    for key, value in model_state.items():
+        name = f"model.{key}"
+        owner = first_name.setdefault(_storage(value), name)
+        if owner == name:
+            tensors[name] = value
+        else:
+            aliases[name] = owner
     tensors.update({f"optim.{k}": v for k, v in optim_state.items() if isinstance(v, torch.Tensor)})
-    return tensors, model_state, optim_state
+    return tensors, aliases, model_state, optim_state
 
 
 @contextmanager
@@ -65,7 +81,7 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, state: dict, keep: 
         if here.is_main:
             tmp.mkdir()
         barrier(here)
-        tensors, _, _ = _tensor_state(model, optimizer)
+        tensors, _, _, _ = _tensor_state(model, optimizer)
         with _single_process_is_meant():
             dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
         if here.is_main:
@@ -87,12 +103,14 @@ def read_state(path: Path) -> dict:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore everything ``save_checkpoint`` wrote (a collective: every rank calls it); return ``state.json``."""
+    """Restore the model, optimizer and schedule (a collective: every rank calls it); return ``state.json``.
+
+    The RNG state is left to ``restore_rng``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    tensors, model_state, optim_state = _tensor_state(model, optimizer)
+    tensors, aliases, model_state, optim_state = _tensor_state(model, optimizer)
     try:
         with _single_process_is_meant():
             dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
@@ -100,15 +118,20 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         raise ConfigError(f"checkpoint {path} does not fit this student: {str(exc).splitlines()[0]}; "
                           "train it into a new train.out_dir") from exc
     set_state_dict(model, optimizer,
-                   model_state_dict={k: tensors[f"model.{k}"] for k in model_state},
+                   model_state_dict={k: tensors[aliases.get(f"model.{k}", f"model.{k}")] for k in model_state},
                    optim_state_dict={k: tensors.get(f"optim.{k}", v) for k, v in optim_state.items()},
                    options=StateDictOptions(flatten_optimizer_state_dict=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     # The tensors above carry no hyperparameters, and loading a scheduler does not touch the optimizer.
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
         group["lr"] = lr
+    return read_state(path)
+
+
+def restore_rng(path: Path) -> None:
+    """Set the RNGs as they were at the checkpoint. Call it last: anything that draws from the global RNG
+    after it (a DataLoader's base seed, for one) would shift the dropout masks of the steps that follow."""
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return read_state(path)

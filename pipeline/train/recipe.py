@@ -22,7 +22,7 @@ from pipeline.dist import all_reduce_sum, any_rank, barrier, init_process_group,
 from pipeline.errors import ConfigError
 from pipeline.hf import LogitHead, load_model, resolve_device
 from pipeline.log import get_logger
-from pipeline.train.checkpoint import checkpoint_dirs, load_checkpoint, read_state, save_checkpoint
+from pipeline.train.checkpoint import checkpoint_dirs, load_checkpoint, read_state, restore_rng, save_checkpoint
 from pipeline.train.config import LiveTeacherConfig, Phase, StudentConfig, TrainConfig
 from pipeline.train.evaluate import evaluate
 from pipeline.train.metrics import DataWait, MetricsLog, chain_samples
@@ -100,6 +100,8 @@ class TrainingRecipe:
         self.live = {path: load_model(path, self.device, c.dtype, c.revision, c.trust_remote_code,
                                       key="loss.teacher_live") for path in paths}
         self.stream = self.source.stream(StreamState(self.step * self.order.global_batch))
+        if found:
+            restore_rng(found[-1])
         self.wait = DataWait()
 
     def _lock_out_dir(self) -> None:
