@@ -126,7 +126,7 @@ def engine_records(cache_dir: Path, size: dict, out: Path, peak: float | None) -
               f"train.chunk_size={size['loss_chunk']}", "train.eval_every=0", "train.checkpoint_every=0",
               "train.warmup_steps=2", "device=auto"]
     records = strategy_records(cache_dir, common, out / "engines", rounds=2, layouts=ONE_GPU)
-    params = student_params(size["student"], vocab=8192)
+    params = student_params(size["student"], vocab=size["teacher"]["vocab_size"])  # the cache teacher's vocab
     for record in records:
         record["mfu"] = 6 * params * record["tok_per_s"] / (peak * 1e12) if peak else None
     return records

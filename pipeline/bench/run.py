@@ -39,7 +39,7 @@ STUDENT = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 512, 
 SMALL = {**STUDENT, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 1}
 FULL = {"vocab": 8192, "hidden": 384, "layers": 6, "heads": 6, "stage1_tokens": 200_000, "seq_len": 512,
         "quality_tokens": 200_000, "quality_seq": 128, "steps": 80, "batch": 8, "seeds": 2, "key_seeds": 3,
-        "scaling_tokens": 16_384, "memory_documents": 2000, "parallel_steps": 30, "students": (STUDENT, SMALL),
+        "scaling_tokens": 16_384, "memory_documents": 2000, "parallel_steps": 15, "students": (STUDENT, SMALL),
         "subset": None}
 QUICK = {"vocab": 512, "hidden": 32, "layers": 1, "heads": 2, "stage1_tokens": 4096, "seq_len": 64,
          "quality_tokens": 4096, "quality_seq": 32, "steps": 3, "batch": 4, "seeds": 1, "key_seeds": 1,
@@ -67,7 +67,7 @@ def stage1_settings(out: Path, teacher: Path, size: dict) -> list[list[str]]:
             "device=cpu"]
     modes = [["cache.mode=topk", "cache.top_k=64"], ["cache.mode=sample", "cache.samples=50"]]
     settings = [base + [f"cache.format={fmt}"] + mode for fmt in ("arrow", "zarr") for mode in modes]
-    settings += [base + ["cache.mode=sample", f"cache.chunk_size={chunk}"] for chunk in (64, 1024, 4096)]
+    settings += [base + ["cache.mode=sample", f"cache.chunk_size={chunk}"] for chunk in (64, 1024)]
     return settings[: size["subset"]]
 
 
@@ -136,7 +136,7 @@ def run_bench(out: str | Path, quick: bool = False, teacher: str | Path | None =
     results["quality"] = summarize_quality(quality) + chain_records(teacher, caches, size, out)
     results["scaling"] = scaling_records(teacher, size, out)
     parallel_common = [c for c in common if not c.startswith("train.steps")] + [f"train.steps={size['parallel_steps']}"]
-    results["parallel"] = strategy_records(caches["sample50"], parallel_common, out, rounds=1 if quick else 3)
+    results["parallel"] = strategy_records(caches["sample50"], parallel_common, out, rounds=1 if quick else 2)
     results["seconds"] = time.time() - started
     write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     write_text(out / "results.md", results_markdown(results))
