@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from storage.atomic import write_json
 from storage.errors import CacheNotFoundError, ChecksumError, ManifestError
@@ -30,6 +30,12 @@ def _update_with_file(digest, path: Path) -> None:
     with open(path, "rb") as handle:
         while block := handle.read(_BLOCK):
             digest.update(block)
+
+
+def _relative_inside(path) -> bool:
+    """A relative path with no ``..``: it names something inside the directory it is relative to."""
+    parts = PurePosixPath(path).parts if isinstance(path, str) else ("..",)
+    return bool(parts) and not PurePosixPath(path).is_absolute() and ".." not in parts
 
 
 def shard_sha256(path: Path) -> str:
@@ -118,7 +124,12 @@ class Manifest:
         return [s for s in self.shards if s.split == split]
 
     def shard_path(self, record: ShardRecord) -> Path:
-        return self.directory / record.path
+        """The shard's path, refused when it (or a symlink on the way) leads out of the cache directory."""
+        path = self.directory / record.path
+        if not path.resolve().is_relative_to(self.directory.resolve()):
+            raise ManifestError(f"shard {record.path!r} in {self.directory / MANIFEST_NAME} leads outside the cache "
+                                "directory (a symlink); the cache is tampered or damaged: rebuild it")
+        return path
 
     def verify(self) -> list[str]:
         """Re-hash every listed shard; return one message per bad or missing shard."""
@@ -162,6 +173,11 @@ class Manifest:
         except TypeError as exc:
             raise ManifestError(f"{source}: a shard record is malformed ({exc}); rebuild the cache") from None
         known = {k: v for k, v in data.items() if k in names and k != "shards"}
+        listed = [*(r.path for r in shards), known.get("tokenizer_dir")]
+        escaping = [p for p in listed if p is not None and not _relative_inside(p)]
+        if escaping:
+            raise ManifestError(f"{source}: path {escaping[0]!r} is not inside the cache directory; the manifest is "
+                                "tampered or damaged: rebuild the cache")
         return cls(**known, shards=shards, directory=directory)
 
 

@@ -131,3 +131,31 @@ def test_threaded_writer_writes_the_same_shards_as_one_thread(tmp_path):
         writer.close()
         hashes.append({p.name: shard_sha256(p) for p in directory.iterdir()})
     assert len(hashes[0]) == 14 and hashes[0] == hashes[1]
+
+
+def _manifest_listing(directory, path: str) -> None:
+    from storage.manifest import Manifest, ShardRecord, write_manifest
+
+    directory.mkdir(exist_ok=True)
+    write_manifest(directory, Manifest(shards=[ShardRecord(path, "train", 1, 1, 1, "0" * 64)]))
+
+
+@pytest.mark.parametrize("escape", ["../outside.arrow", "/etc/passwd", "shards/../../outside.arrow"])
+def test_manifest_paths_outside_the_cache_are_refused(tmp_path, escape):
+    from storage.errors import ManifestError
+    from storage.manifest import read_manifest
+
+    _manifest_listing(tmp_path / "cache", escape)
+    with pytest.raises(ManifestError, match="is not inside the cache directory"):
+        read_manifest(tmp_path / "cache")
+
+
+def test_a_shard_symlinked_outside_the_cache_is_refused(tmp_path, capsys):
+    from pipeline import cli
+
+    (tmp_path / "outside.arrow").write_bytes(b"not yours")
+    _manifest_listing(tmp_path / "cache", "train-00000.arrow")
+    (tmp_path / "cache" / "train-00000.arrow").symlink_to(tmp_path / "outside.arrow")
+    assert cli.main(["verify", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "leads outside the cache directory" in err and len(err.splitlines()) == 1
