@@ -131,7 +131,7 @@ def test_a_changed_global_batch_is_refused(tmp_path, topk_cache):
     train(train_args(topk_cache, tmp_path / "o", **{"train.steps": 2, "train.checkpoint_every": 1}))
     with pytest.raises(ConfigError, match=r"global batch of 4 \(batch_size 4 x world size 1 x grad_accum 1\), "
                                           r"but this job's is 8 \(batch_size 4 x world size 1 x grad_accum 2\)"):
-        train(train_args(topk_cache, tmp_path / "o", **{"train.steps": 4, "train.grad_accum": 2}))
+        train(train_args(topk_cache, tmp_path / "o", **{"train.steps": 2, "train.grad_accum": 2}))
 
 
 def worker_pids(launcher: int) -> list[int]:

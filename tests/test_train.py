@@ -112,6 +112,20 @@ def test_tied_weights_checkpoint_and_resume_bitwise(tmp_path, topk_cache, monkey
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_changed_settings_do_not_resume_silently(tmp_path, topk_cache):
+    """A rerun into the same out_dir with another loss and LR is refused with the changed keys; changing only
+    how the run is logged or read resumes."""
+    settings = {"train.steps": 4, "train.checkpoint_every": 2, "train.eval_every": 0}
+    train(train_args(topk_cache, tmp_path / "o", **settings))
+    with pytest.raises(ConfigError, match=r'loss.kind: "forward_kl" -> "jsd"; train.lr: 0.001 -> 0.002\); '
+                                          "resuming would mix two configurations"):
+        train(train_args(topk_cache, tmp_path / "o", **settings, **{"loss.kind": "jsd", "train.lr": 0.002}))
+    harmless = {"train.log_every": 3, "train.num_workers": 1, "train.eval_batches": 2}
+    assert train(train_args(topk_cache, tmp_path / "o", **settings, **harmless)) == tmp_path / "o" / "final"
+    fresh = train(train_args(topk_cache, tmp_path / "o", **settings, **{"train.lr": 0.002, "train.resume": "never"}))
+    assert (fresh / "model.safetensors").is_file()
+
+
 def test_kd_lowers_held_out_kl(tmp_path, topk_cache):
     out = train(train_args(topk_cache, tmp_path / "o", **{"train.steps": 30, "train.eval_every": 1,
                                                           "train.checkpoint_every": 0, "train.lr": 0.01}))

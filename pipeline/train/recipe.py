@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from pipeline import preempt
 from pipeline.dist import all_reduce_sum, any_rank, barrier, init_process_group, world
-from pipeline.errors import ConfigError
 from pipeline.hf import LogitHead, load_model, resolve_device
 from pipeline.log import get_logger
 from pipeline.train.checkpoint import checkpoint_dirs, load_checkpoint, read_state, restore_rng, save_checkpoint
@@ -27,6 +26,7 @@ from pipeline.train.config import LiveTeacherConfig, Phase, StudentConfig, Train
 from pipeline.train.evaluate import evaluate
 from pipeline.train.metrics import DataWait, MetricsLog, chain_samples
 from pipeline.train.parallel import full_state_dict, gradient_scale, gradient_sync, resolve_strategy, wrap
+from pipeline.train.resume import check_resumable, result_settings
 from pipeline.train.schedule import lr_at, phase_at
 from pipeline.train.sources import BatchSource
 from pipeline.train.step import LossFacts, combine, micro_batch_sums, token_counts
@@ -37,20 +37,6 @@ from storage.locks import DirectoryLock
 from storage.stream import StreamOrder, StreamState
 
 log = get_logger("train")
-
-
-def check_resumable(path: Path, state: dict, order: StreamOrder) -> None:
-    """Refuse a checkpoint whose global batch differs from this job's: its sample order would not continue."""
-    if "global_batch" not in state:
-        raise ConfigError(f"checkpoint {path} predates elastic resume (its state.json has no global_batch); "
-                          "train into a new train.out_dir")
-    if state["global_batch"] != order.global_batch:
-        raise ConfigError(
-            f"checkpoint {path} was trained with a global batch of {state['global_batch']} (batch_size "
-            f"{state['batch_size']} x world size {state['world_size']} x grad_accum {state['grad_accum']}), but this job's "
-            f"is {order.global_batch} (batch_size {order.batch_size} x world size {order.world_size} x grad_accum "
-            f"{order.grad_accum}); keep the product equal, e.g. grad_accum="
-            f"{state['global_batch'] / (order.batch_size * order.world_size):g}, or train into a new train.out_dir")
 
 
 class TrainingRecipe:
@@ -88,7 +74,7 @@ class TrainingRecipe:
         self.step, self.tokens, self.samples_sha256 = 0, 0, ""
         found = checkpoint_dirs(self.out / "checkpoints") if self.cfg.resume == "auto" else []
         if found:
-            check_resumable(found[-1], read_state(found[-1]), self.order)
+            check_resumable(found[-1], read_state(found[-1]), self.order, result_settings(self.config_yaml))
             state = load_checkpoint(found[-1], self.model, self.optimizer, self.scheduler)
             self.step, self.tokens, self.samples_sha256 = state["step"], state["tokens"], state["samples_sha256"]
             log.info(f"resumed from {found[-1]} at step {self.step} ({state['world_size']} -> {self.world.size} ranks)")
@@ -177,7 +163,8 @@ class TrainingRecipe:
         o = self.order
         state = {"step": self.step, "tokens": self.tokens, "samples": self.step * o.global_batch,
                  "samples_sha256": self.samples_sha256, "strategy": self.strategy, "world_size": o.world_size,
-                 "global_batch": o.global_batch, "batch_size": o.batch_size, "grad_accum": o.grad_accum}
+                 "global_batch": o.global_batch, "batch_size": o.batch_size, "grad_accum": o.grad_accum,
+                 "settings": result_settings(self.config_yaml)}
         save_checkpoint(self.out / "checkpoints", self.model, self.optimizer, self.scheduler, state,
                         self.cfg.keep_checkpoints, self.world)
 
