@@ -81,3 +81,19 @@ def test_config_problems_are_reported_together(tmp_path, capsys):
     for part in ("teacher.dtyp: unknown key (did you mean 'dtype'?)", "data.seq_len: expected int, got 'long'",
                  "cache.top_k: must be >= 1, got 0", "cache.temperature: must be > 0"):
         assert part in err
+
+
+@pytest.mark.parametrize("student,message", [
+    ("{model_type: llama, hidden_size: 30, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4}",
+     "The hidden size (30) is not a multiple of the number of attention heads (4)"),
+    ("{model_type: no_such_model}", "student.config: model_type 'no_such_model' is not a transformers model type"),
+])
+def test_student_configs_that_cannot_build(tmp_path, llama_dir, corpus_jsonl, capsys, student, message):
+    from helpers import cache, train_args
+
+    directory = cache(cache_args(llama_dir, corpus_jsonl, tmp_path / "c", **{"data.seq_len": 32})).directory
+    capsys.readouterr()
+    assert cli.main(["train", *train_args(directory, tmp_path / "o", **{"student.config": student})]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o" / "final").exists()

@@ -43,7 +43,7 @@ def _select_layers(model, keep: list[int]):
 
 def build_student(cfg: StudentConfig, cache_vocab: int, tokenizer) -> nn.Module:
     """The student model in fp32, checked against the cache's vocabulary and tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if cfg.model or cfg.from_teacher:
         path = cfg.model or cfg.from_teacher
@@ -66,12 +66,15 @@ def build_student(cfg: StudentConfig, cache_vocab: int, tokenizer) -> nn.Module:
         fields.setdefault("vocab_size", cache_vocab)
         for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
             fields.setdefault(key, getattr(tokenizer, key))
+        if model_type not in CONFIG_MAPPING:
+            raise ConfigError(f"student.config: model_type {model_type!r} is not a transformers model type "
+                              "(e.g. llama, gpt2, qwen2)")
+        torch.manual_seed(cfg.seed)
         try:
             config = AutoConfig.for_model(model_type, **fields)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"student.config: {exc}") from exc
-        torch.manual_seed(cfg.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        except Exception as exc:  # transformers validates configs with several error types, not all ValueError
+            raise ConfigError(f"student.config: {' '.join(str(exc).split())[:300]}") from exc
     check_vocab(model, cache_vocab, len(tokenizer))
     return model
 
