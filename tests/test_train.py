@@ -50,6 +50,21 @@ def start_of_training(cache_dir, student_config=STUDENT):
     return student, batch, manifest.tokenizer_length
 
 
+def train_interrupted_at(step: int, args: list[str], monkeypatch) -> None:
+    """Run ``train(args)`` and interrupt it as its metrics record for ``step`` is written (after that step)."""
+    original = train_module.MetricsLog.write
+
+    def crash(self, record):
+        if record["step"] == step:
+            raise KeyboardInterrupt("preempted")
+        original(self, record)
+
+    monkeypatch.setattr(train_module.MetricsLog, "write", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(args)
+    monkeypatch.setattr(train_module.MetricsLog, "write", original)
+
+
 def masked_mean(values, mask):
     return float((values * mask).sum() / mask.sum())
 
@@ -66,17 +81,7 @@ def test_outputs_resume_bitwise_and_final_generates(tmp_path, topk_cache, monkey
     trains = records(tmp_path / "whole", "train")
     assert all(0.0 <= r["data_wait"] < 1.0 and r["startup_wait_s"] > 0.0 for r in trains)
 
-    original = train_module.MetricsLog.write
-
-    def crash_at_step_7(self, record):
-        if record["step"] == 7:
-            raise KeyboardInterrupt("preempted")
-        original(self, record)
-
-    monkeypatch.setattr(train_module.MetricsLog, "write", crash_at_step_7)
-    with pytest.raises(KeyboardInterrupt):
-        train(train_args(topk_cache, tmp_path / "resumed"))
-    monkeypatch.setattr(train_module.MetricsLog, "write", original)
+    train_interrupted_at(7, train_args(topk_cache, tmp_path / "resumed"), monkeypatch)
     assert not (tmp_path / "resumed" / "final").exists()
     resumed = train(train_args(topk_cache, tmp_path / "resumed"))
     a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
@@ -96,17 +101,7 @@ def test_tied_weights_checkpoint_and_resume_bitwise(tmp_path, topk_cache, monkey
     tied = "{model_type: gpt2, n_embd: 32, n_layer: 1, n_head: 2, tie_word_embeddings: true}"  # with GPT-2's dropout
     settings = {"student.config": tied, "train.steps": 4, "train.checkpoint_every": 2, "train.eval_every": 0}
     whole = train(train_args(topk_cache, tmp_path / "whole", **settings))
-    original = train_module.MetricsLog.write
-
-    def crash_at_step_3(self, record):
-        if record["step"] == 3:
-            raise KeyboardInterrupt("preempted")
-        original(self, record)
-
-    monkeypatch.setattr(train_module.MetricsLog, "write", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(train_args(topk_cache, tmp_path / "resumed", **settings))
-    monkeypatch.setattr(train_module.MetricsLog, "write", original)
+    train_interrupted_at(3, train_args(topk_cache, tmp_path / "resumed", **settings), monkeypatch)
     resumed = train(train_args(topk_cache, tmp_path / "resumed", **settings))
     a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -32,7 +32,7 @@ class TeacherConfig:
         raise_problems(
             need(bool(self.model), "model", "is required (a local path or a hub id)"),
             need(self.gpus_per_part >= 1, "gpus_per_part", f"must be >= 1, got {self.gpus_per_part}"),
-            need(self.gpus_per_part == 1 or self.device_map is not None, "gpus_per_part",
+            need(self.gpus_per_part <= 1 or self.device_map is not None, "gpus_per_part",
                  "above 1 needs teacher.device_map (e.g. auto) to spread the teacher over them"),
             need(not (self.device_map and self.parallel == "tensor"), "parallel",
                  "tensor parallelism places the weights itself; unset teacher.device_map"),
