@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from storage.atomic import atomic_write, remove_path, stale_temporaries, write_json, write_text
-from storage.errors import FingerprintMismatchError, ForeignDirectoryError, ManifestError
+from storage.errors import CacheError, FingerprintMismatchError, ForeignDirectoryError, ManifestError
+from storage.locks import DirectoryLock
 from storage.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -153,8 +154,24 @@ class CacheDirectory:
         path = done_record_path(self.path / plan.name)
         write_json(path, {**asdict(record), "fingerprint": self.fingerprint, "plan": asdict(plan)})
 
-    def assemble(self, plans: list[ShardPlan], header: Manifest, save_tokenizer: Callable[[Path], None]) -> Path:
-        """Copy the tokenizer (``save_tokenizer(folder)``), then write ``manifest.json`` last."""
+    def part_lock(self, part: int, parts: int, on_wait: Callable[[str], None]) -> DirectoryLock:
+        """Hold part ``part`` of ``parts``: a second process started on the same part waits (``on_wait`` is told
+        the holder), then finds the shards done, instead of rewriting them under the first one."""
+        lock = DirectoryLock(self.path, f".part-{part}-of-{parts}.lock")
+        lock.acquire("cache.dir", on_wait)
+        return lock
+
+    def assemble(self, plans: list[ShardPlan], header: Manifest, save_tokenizer: Callable[[Path], None]) -> Path | None:
+        """Copy the tokenizer (``save_tokenizer(folder)``), then write ``manifest.json`` last. Parts that finish
+        at the same moment take turns; only the first writes it, and the others get None."""
+        lock = DirectoryLock(self.path, ".manifest.lock")
+        lock.acquire("cache.dir", on_wait=lambda holder: None)
+        try:
+            return None if (self.path / MANIFEST_NAME).is_file() else self._assemble(plans, header, save_tokenizer)
+        finally:
+            lock.release()
+
+    def _assemble(self, plans: list[ShardPlan], header: Manifest, save_tokenizer: Callable[[Path], None]) -> Path:
         shards = []
         for plan in plans:
             record = self.done_record(plan)
@@ -205,6 +222,8 @@ class BackgroundShardWriter:
         self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
+        if isinstance(self._error, CacheError):  # a full disk, say: the user's problem, told in one line
+            raise self._error
         if self._error is not None:
             raise RuntimeError(f"writing a shard to {self.cache.path} failed: {self._error}") from self._error
 

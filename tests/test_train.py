@@ -107,6 +107,14 @@ def test_tied_weights_checkpoint_and_resume_bitwise(tmp_path, topk_cache, monkey
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_metrics_line_torn_by_a_kill_is_dropped_on_resume(tmp_path, topk_cache, monkeypatch):
+    train_interrupted_at(7, train_args(topk_cache, tmp_path / "o"), monkeypatch)
+    with open(tmp_path / "o" / "metrics.jsonl", "a") as handle:
+        handle.write('{"type": "train", "step": 7, "lo')  # kill -9 in the middle of an append
+    train(train_args(topk_cache, tmp_path / "o"))
+    assert [r["step"] for r in records(tmp_path / "o", "train")] == list(range(1, 13))
+
+
 def test_changed_settings_do_not_resume_silently(tmp_path, topk_cache):
     """A rerun into the same out_dir with another loss and LR is refused with the changed keys; changing only
     how the run is logged or read resumes."""
