@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from pipeline.data.pack import PackedSplit
 from pipeline.errors import DataError
 from pipeline.log import get_logger
-from storage.manifest import read_manifest
+from storage.errors import CacheError
+from storage.manifest import Manifest, read_manifest
 from storage.reader import SoftTargetStream, sequential_batches, to_tensors
 from storage.stream import StreamOrder, StreamState, iterate_batches
 
@@ -50,12 +51,20 @@ class ArrayRows:
         return {name: array[samples] for name, array in self.arrays.items()}
 
 
+def _manifest(key: str, directory: str) -> Manifest:
+    """The manifest of the cache that the setting ``key`` names; its errors name the key."""
+    try:
+        return read_manifest(directory)
+    except CacheError as exc:
+        raise type(exc)(f"{key}: {exc}") from None
+
+
 def cache_source(cache_dir: str, eval_dir: str | None, order: StreamOrder, verify: bool,
                  num_workers: int) -> BatchSource:
     """Batches of a finished cache's train split; held-out batches from ``eval_dir`` (default: the same cache)."""
     from transformers import AutoTokenizer
 
-    manifest = read_manifest(cache_dir)
+    manifest = _manifest("cache.dir", cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(Path(cache_dir) / manifest.tokenizer_dir))
 
     def stream(start: StreamState) -> Iterator[Batch]:
@@ -64,7 +73,7 @@ def cache_source(cache_dir: str, eval_dir: str | None, order: StreamOrder, verif
 
     SoftTargetStream(cache_dir, order, verify=False)  # fails early when the global batch exceeds the split
     held_out = eval_dir or cache_dir
-    has_eval = bool(read_manifest(held_out).shards_for("eval"))
+    has_eval = bool(_manifest("cache.eval_dir" if eval_dir else "cache.dir", held_out).shards_for("eval"))
     if not has_eval:
         log.warning(f"{held_out} has no eval shards; evaluation is skipped")
     return BatchSource(
