@@ -122,6 +122,17 @@ def stale_temporaries(directory: Path, name: str) -> list[Path]:
     return sorted([*directory.glob(f".{name}{TMP_MARKER}*"), *directory.glob(f".{name}{OLD_MARKER}*")])
 
 
+def remove_stale_temporaries(directory: Path, names: tuple[str, ...] | None = None) -> None:
+    """Remove the temporaries and set-aside copies that killed writers left in ``directory`` (of ``names`` only,
+    when given). Call it holding the lock that every writer of those names holds, so none is a live write."""
+    if not directory.is_dir():
+        return
+    for path in directory.glob(".*"):
+        owner = path.name[1:].split(TMP_MARKER)[0].split(OLD_MARKER)[0]
+        if owner != path.name[1:] and (names is None or owner in names):
+            remove_path(path)
+
+
 def ensure_writable(directory: Path, key: str) -> None:
     """Create ``directory`` and prove a file can be written there, or raise ``NotWritableError`` naming ``key``."""
     try:

@@ -14,12 +14,20 @@ import json
 import queue
 import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from storage.atomic import atomic_write, remove_path, stale_temporaries, write_json, write_text
+from storage.atomic import (
+    atomic_write,
+    remove_path,
+    remove_stale_temporaries,
+    stale_temporaries,
+    write_json,
+    write_text,
+)
 from storage.errors import CacheError, FingerprintMismatchError, ForeignDirectoryError, ManifestError
 from storage.locks import DirectoryLock
 from storage.manifest import (
@@ -101,8 +109,24 @@ class CacheDirectory:
                 f"{self.fingerprint}; use another cache.dir, or cache.root to keep caches side by side")
         return True
 
+    @contextmanager
+    def _manifest_lock(self):
+        """Held by every writer of the files that are not shards, so that its holder can clear the temporaries
+        killed writers left of them."""
+        lock = DirectoryLock(self.path, ".manifest.lock")
+        lock.acquire("cache.dir", on_wait=lambda holder: None)
+        try:
+            remove_stale_temporaries(self.path, (IDENTITY_NAME, CONFIG_NAME, TOKENIZER_DIR, MANIFEST_NAME))
+            yield
+        finally:
+            lock.release()
+
     def claim(self, config_yaml: str) -> None:
         """Mark the directory as this fingerprint's cache; refuse another cache's files or unrelated ones."""
+        with self._manifest_lock():
+            self._claim(config_yaml)
+
+    def _claim(self, config_yaml: str) -> None:
         refuse_foreign(self.path)
         if (self.path / IDENTITY_NAME).is_file():
             found = _read_json(self.path / IDENTITY_NAME).get("fingerprint")
@@ -164,12 +188,8 @@ class CacheDirectory:
     def assemble(self, plans: list[ShardPlan], header: Manifest, save_tokenizer: Callable[[Path], None]) -> Path | None:
         """Copy the tokenizer (``save_tokenizer(folder)``), then write ``manifest.json`` last. Parts that finish
         at the same moment take turns; only the first writes it, and the others get None."""
-        lock = DirectoryLock(self.path, ".manifest.lock")
-        lock.acquire("cache.dir", on_wait=lambda holder: None)
-        try:
+        with self._manifest_lock():
             return None if (self.path / MANIFEST_NAME).is_file() else self._assemble(plans, header, save_tokenizer)
-        finally:
-            lock.release()
 
     def _assemble(self, plans: list[ShardPlan], header: Manifest, save_tokenizer: Callable[[Path], None]) -> Path:
         shards = []

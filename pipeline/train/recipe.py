@@ -31,7 +31,7 @@ from pipeline.train.schedule import lr_at, phase_at
 from pipeline.train.sources import BatchSource
 from pipeline.train.step import LossFacts, combine, micro_batch_sums, token_counts
 from pipeline.train.student import build_student
-from storage.atomic import atomic_write, ensure_writable, write_text
+from storage.atomic import atomic_write, ensure_writable, remove_stale_temporaries, write_text
 from storage.errors import DirectoryInUseError
 from storage.locks import DirectoryLock
 from storage.stream import StreamOrder, StreamState
@@ -99,6 +99,8 @@ class TrainingRecipe:
             ensure_writable(self.out, "train.out_dir")
             try:
                 self.lock.acquire("train.out_dir")
+                for directory in (self.out, self.out / "checkpoints"):  # left by a killed job; this one owns them
+                    remove_stale_temporaries(directory)
             except DirectoryInUseError as exc:
                 held_elsewhere = exc
         if any_rank(held_elsewhere is not None, self.world):
