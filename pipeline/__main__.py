@@ -13,7 +13,10 @@ def main() -> int:
     preempt.install()
     from pipeline.cli import main as run_cli
 
-    return run_cli()
+    try:
+        return run_cli()
+    finally:
+        preempt.ignore()
 
 
 if __name__ == "__main__":

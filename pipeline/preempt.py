@@ -28,6 +28,14 @@ def install(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None
         signal.signal(sig, _handler)
 
 
+def ignore(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+    """Ignore the given signals from now on: for a process whose work is done. Python puts the default action
+    (terminate) back for every signal it handles as it shuts down, so a preemption signal that arrives then
+    would turn a finished job's exit 0 into a death by signal."""
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def requested() -> bool:
     return _requested.is_set()
 

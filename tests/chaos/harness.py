@@ -83,7 +83,9 @@ class Sweep:
     ``horizon_s`` is the wall time of an uninterrupted run. A launch that ends
     before its signal ends its trial (it must exit 0); ``check_trial`` then
     compares the trial's output with the reference, and the next trial
-    starts afresh. After the last interruption the command is run to its end.
+    starts afresh; so does one that exits 0 although it was signalled (the
+    signal came after the stage's last safe point). After the last
+    interruption the command is run to its end.
     ``after_signal`` inspects the output after every interruption.
     """
 
@@ -128,7 +130,7 @@ class Sweep:
                 due = self.rng.uniform(0, self.horizon_s) if len(result.interrupted) < planned else None
                 launch = self._launch(output, len(result.launches), log, due)
                 trial.append(launch)
-                if launch.signal_at_s is None:
+                if launch.signal_at_s is None or launch.returncode == 0:  # the job is complete
                     break
                 if after_signal is not None:
                     after_signal(output, launch)

@@ -67,7 +67,7 @@ def cache_command(teacher: Path, data: Path, backend: str, torchrun_every: int =
 
 def train_overrides(cache: Path, output: Path) -> list[str]:
     settings = {"cache.dir": cache, "student.config": json.dumps(STUDENT), "train.out_dir": output,
-                "train.steps": 40, "train.batch_size": 4, "train.checkpoint_every": 3, "train.eval_every": 10,
+                "train.steps": 40, "train.batch_size": 4, "train.checkpoint_every": 2, "train.eval_every": 10,
                 "train.log_every": 1, "train.warmup_steps": 2, "train.chunk_size": 50, "device": "cpu"}
     return [f"{k}={v}" for k, v in settings.items()]
 

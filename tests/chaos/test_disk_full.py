@@ -48,7 +48,8 @@ def used_bytes(directory: Path) -> int:
 def fails_for_space(command: list[str], mount: Path) -> str:
     """Run ``command``: it must exit 2 with one line that says the disk is full and names a path on it."""
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    errors = [line for line in re.split(r"[\r\n]", done.stderr) if "error:" in line]
+    # A progress bar ends in a carriage return, not a newline: the error starts after it.
+    errors = [line[line.index("distillery "):] for line in re.split(r"[\r\n]", done.stderr) if "error:" in line]
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and len(errors) == 1, done.stderr[-3000:]
     assert "no space left" in errors[0].lower() and str(mount) in errors[0], errors[0]
