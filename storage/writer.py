@@ -3,8 +3,11 @@
 1. ``claim`` writes ``fingerprint.json`` before any shard, so a directory is
    never shared by two configurations.
 2. Each shard is written atomically by a background thread, then gets a
-   ``<shard>.done.json`` record holding its checksum. Parallel parts write
-   disjoint shards and need no communication.
+   ``<shard>.done.json`` record holding its checksum, sealed by
+   ``record_sha256`` (``storage.manifest.with_seal``). Parallel parts write
+   disjoint shards and need no communication. A record that is torn, edited
+   or disagrees with its shard or its plan is never trusted: it is reported
+   and the shard written again.
 3. Once every planned shard has a valid record, ``assemble`` copies the
    tokenizer and writes ``manifest.json`` last; it is the completion marker.
 """
@@ -20,14 +23,16 @@ from pathlib import Path
 import numpy as np
 
 from storage.atomic import atomic_write, remove_path, stale_temporaries, write_json, write_text
-from storage.errors import FingerprintMismatchError, ForeignDirectoryError, ManifestError
+from storage.errors import DamagedRecordError, FingerprintMismatchError, ForeignDirectoryError, ManifestError
 from storage.manifest import (
     MANIFEST_NAME,
     Manifest,
     ShardRecord,
     read_manifest,
+    seal_is_broken,
     shard_bytes,
     shard_sha256,
+    with_seal,
     write_manifest,
 )
 
@@ -35,6 +40,7 @@ IDENTITY_NAME = "fingerprint.json"
 CONFIG_NAME = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
 DONE_SUFFIX = ".done.json"
+DONE_SEAL = "record_sha256"
 TOKENS_DIR = "tokens"
 """Where the token store of the packed data lives; it may precede the claim, so ``claim`` accepts it."""
 
@@ -113,18 +119,50 @@ class CacheDirectory:
         write_text(self.path / CONFIG_NAME, config_yaml)
 
     def done_record(self, plan: ShardPlan) -> ShardRecord | None:
-        """The record of a complete shard, or None when the shard must be (re)written."""
+        """The record of a complete shard, or None when the shard was never finished.
+
+        Raises ``DamagedRecordError`` naming the record when one exists but cannot be trusted.
+        """
         path = self.path / plan.name
         record_path = done_record_path(path)
-        if not (record_path.is_file() and path.exists()):
-            return None
+        if not record_path.is_file():
+            return None  # the run died before the record was written: the shard (if any) is written again
         try:
             record = _read_json(record_path)
         except ManifestError:
-            return None  # a torn record from a killed writer: rewrite the shard
-        if record.get("fingerprint") != self.fingerprint or shard_sha256(path) != record.get("sha256"):
-            return None
+            raise DamagedRecordError(f"done record {record_path} is not valid JSON") from None
+        problem = self._record_problem(record, plan, path)
+        if problem:
+            raise DamagedRecordError(f"done record {record_path} {problem}")
         return ShardRecord(**{k: record[k] for k in ("path", "split", "sequences", "tokens", "bytes", "sha256")})
+
+    def _record_problem(self, record, plan: ShardPlan, path: Path) -> str | None:
+        """Why a parsed done record cannot be trusted, or None."""
+        if not isinstance(record, dict) or seal_is_broken(record, DONE_SEAL):
+            return f"does not match its {DONE_SEAL}: it was edited or damaged"
+        if record.get("fingerprint") != self.fingerprint:
+            return f"belongs to fingerprint {record.get('fingerprint')}, not {self.fingerprint}"
+        expected = {"path": plan.name, "split": plan.split, "sequences": plan.count, "plan": asdict(plan)}
+        wrong = sorted(k for k, v in expected.items() if record.get(k) != v)
+        if wrong or not isinstance(record.get("tokens"), int):
+            return f"does not describe shard {plan.name} as planned ({', '.join(wrong) or 'tokens'})"
+        if not path.exists():
+            return f"lists {path}, which is missing"
+        if record.get("bytes") != shard_bytes(path) or record.get("sha256") != shard_sha256(path):
+            return f"does not match the size or sha256 of {path}"
+        return None
+
+    def unfinished(self, plans: list[ShardPlan]) -> tuple[list[ShardPlan], list[str]]:
+        """The shards of ``plans`` to (re)write, and one message per done record among them that was not trusted."""
+        todo, damaged = [], []
+        for plan in plans:
+            try:
+                if self.done_record(plan) is not None:
+                    continue
+            except DamagedRecordError as exc:
+                damaged.append(str(exc))
+            todo.append(plan)
+        return todo, damaged
 
     def discard(self, plan: ShardPlan) -> None:
         """Remove a partial or invalid shard, its record and any temporaries of killed writers."""
@@ -151,7 +189,7 @@ class CacheDirectory:
     def mark_done(self, plan: ShardPlan, record: ShardRecord) -> None:
         """Write the shard's done record: from now on resumes keep it and the manifest lists it."""
         path = done_record_path(self.path / plan.name)
-        write_json(path, {**asdict(record), "fingerprint": self.fingerprint, "plan": asdict(plan)})
+        write_json(path, with_seal({**asdict(record), "fingerprint": self.fingerprint, "plan": asdict(plan)}, DONE_SEAL))
 
     def assemble(self, plans: list[ShardPlan], header: Manifest, save_tokenizer: Callable[[Path], None]) -> Path:
         """Copy the tokenizer (``save_tokenizer(folder)``), then write ``manifest.json`` last."""
@@ -159,8 +197,8 @@ class CacheDirectory:
         for plan in plans:
             record = self.done_record(plan)
             if record is None:
-                raise ManifestError(f"shard {self.path / plan.name} is missing or corrupt; "
-                                    "rerun `distillery cache` to rebuild it")
+                raise ManifestError(f"shard {self.path / plan.name} has no done record; "
+                                    "rerun `distillery cache` to write it")
             shards.append(record)
         with atomic_write(self.path / TOKENIZER_DIR) as tmp:
             save_tokenizer(tmp)

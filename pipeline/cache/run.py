@@ -52,7 +52,9 @@ def run_cache(job: CacheJob, num_tasks: int = 1, task_index: int = 0, finalize_o
         parts = num_parts(num_tasks, here.size // ranks_per_part)
         part = part_index(task_index, num_tasks, here.rank // ranks_per_part, here.size // ranks_per_part)
         mine = [plan.shards[i] for i in shards_of_part(len(plan.shards), part, parts)]
-        todo = [s for s in mine if cache.done_record(s) is None]
+        todo, damaged = cache.unfinished(mine)
+        for problem in damaged:
+            log.warning(f"{problem}; not trusted: the shard is written again")
         if writer:
             for shard in todo:
                 cache.discard(shard)
