@@ -7,7 +7,7 @@ DEMO := runs/demo
 # on CPU machines. On a GPU machine the same pin installs the CUDA wheel.
 TORCH := torch==2.13.0
 
-.PHONY: install test demo demo-teacher bench lint clean
+.PHONY: install test demo demo-teacher bench chaos lint clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ demo: demo-teacher
 
 bench: demo-teacher
 	$(BIN)/distillery bench --out bench-results --teacher $(DEMO)/teacher/final
+
+# Random kills and preemption signals for every stage, disk full and concurrent jobs: about 20 min on 2 cores.
+# `make test` runs a fast subset of the same sweeps.
+chaos: install
+	CHAOS_SCALE=full CHAOS_RESULTS=chaos-results $(BIN)/python -m pytest -q tests/chaos
 
 lint: install
 	$(BIN)/ruff check pipeline storage tests

@@ -99,18 +99,17 @@ def _slurm(args) -> int:
 
 
 def _inspect(args) -> int:
-    from storage.inspect import format_summary, summarize
-    from storage.manifest import read_manifest
+    from storage.inspect import format_summary, read_cache, summarize
 
-    summary = summarize(read_manifest(args.directory))
+    summary = summarize(read_cache(args.directory))
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 
 
 def _verify(args) -> int:
-    from storage.manifest import read_manifest
+    from storage.inspect import read_cache
 
-    manifest = read_manifest(args.directory)
+    manifest = read_cache(args.directory)
     problems = manifest.verify()
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -233,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(message: str) -> str:
+    """An error message on one line (the rule for bad input): the items of a problem list, each on a line of its own
+    after ``"  - "``, are joined with ``; ``; any other line break or indent becomes one space."""
+    head, *items = (" ".join(part.split()) for part in message.split("\n  - "))
+    return " ".join(part for part in (head, "; ".join(items)) if part)
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline import preempt
 
@@ -245,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         get_logger(args.command).warning(f"preempted: {exc}")
         return preempt.PREEMPTED_EXIT
     except USER_ERRORS as exc:
-        print(f"distillery {args.command}: error: {exc}", file=sys.stderr)
+        print(f"distillery {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
 
 

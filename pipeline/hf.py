@@ -30,13 +30,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
+    """A path rather than a hub id (``owner/name``): it exists, starts like a path, or has more than one ``/``."""
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
 
 
 def _check_local(name: str, key: str) -> None:
     """A path that is not a folder gets this one line, not the hub's message about repo ids."""
-    if _looks_local(name) and not Path(name).expanduser().is_dir():
+    if looks_local(name) and not Path(name).expanduser().is_dir():
         raise TeacherError(f"{key} {name!r}: no such model directory")
 
 

@@ -45,5 +45,10 @@ def get_logger(stage: str) -> logging.Logger:
 
 
 def set_verbosity(level: int) -> None:
-    """-1: warnings only (``--quiet``); 0: progress messages; 1: debug detail (``-v``)."""
+    """-1: warnings only (``--quiet``), no progress bars; 0: progress messages and bars; 1: debug detail (``-v``)."""
     _configure().setLevel({-1: logging.WARNING, 0: logging.INFO}.get(level, logging.DEBUG))
+
+
+def progress_bars() -> bool:
+    """Whether progress bars are drawn: not under ``--quiet``."""
+    return _configure().level <= logging.INFO

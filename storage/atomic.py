@@ -10,11 +10,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from storage.errors import NotWritableError
+from storage.errors import NoSpaceError, NotWritableError
 
 TMP_MARKER = ".tmp-"
 OLD_MARKER = ".old-"
 _RACE_ATTEMPTS = 50
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an error it was raised from, says the disk or quota is full. Libraries that wrap
+    their writers' errors (DCP, pyarrow) keep only the message."""
+    while exc is not None:
+        if isinstance(exc, NoSpaceError) or isinstance(exc, OSError) and exc.errno in _FULL \
+                or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def no_space(path: Path) -> NoSpaceError:
+    return NoSpaceError(f"no space left on the device of {path}: free space there (or choose another "
+                        "directory) and rerun; what was complete is kept")
 
 
 def temp_name(path: Path, marker: str = TMP_MARKER) -> Path:
@@ -79,8 +96,10 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
             _replace_directory(tmp, final)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         remove_path(tmp)
+        if is_disk_full(exc) and not isinstance(exc, NoSpaceError):
+            raise no_space(final) from exc
         raise
 
 
@@ -101,6 +120,17 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
 def stale_temporaries(directory: Path, name: str) -> list[Path]:
     """Leftover temporaries and set-aside old copies of ``name`` in ``directory`` from killed writers."""
     return sorted([*directory.glob(f".{name}{TMP_MARKER}*"), *directory.glob(f".{name}{OLD_MARKER}*")])
+
+
+def remove_stale_temporaries(directory: Path, names: tuple[str, ...] | None = None) -> None:
+    """Remove the temporaries and set-aside copies that killed writers left in ``directory`` (of ``names`` only,
+    when given). Call it holding the lock that every writer of those names holds, so none is a live write."""
+    if not directory.is_dir():
+        return
+    for path in directory.glob(".*"):
+        owner = path.name[1:].split(TMP_MARKER)[0].split(OLD_MARKER)[0]
+        if owner != path.name[1:] and (names is None or owner in names):
+            remove_path(path)
 
 
 def ensure_writable(directory: Path, key: str) -> None:

@@ -43,3 +43,7 @@ class NotWritableError(CacheError, OSError):
 
 class ShardSchemaError(CacheError, ValueError):
     """Arrays handed to a shard writer have the wrong names, shapes or dtypes."""
+
+
+class NoSpaceError(CacheError, OSError):
+    """The disk (or quota) of an output directory is full."""

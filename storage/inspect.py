@@ -1,10 +1,13 @@
 """``distillery inspect`` and ``verify``: summarise a finished cache from its manifest and shards."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from storage.errors import CacheNotFoundError
 from storage.formats import get_format
-from storage.manifest import Manifest
+from storage.manifest import Manifest, read_manifest
 
 
 def _shard_stats(arrays: dict[str, np.ndarray]) -> dict[str, float]:
@@ -24,6 +27,16 @@ def _shard_stats(arrays: dict[str, np.ndarray]) -> dict[str, float]:
     unique = (arrays["topk_ids"] >= 0).sum(axis=-1)
     return {"top1": float(probs[..., 0][keep].sum()), "tail": float(tail_p[keep].sum()),
             "entropy": float(entropy[keep].sum()), "ids": float(unique[keep].sum()), "positions": int(keep.sum())}
+
+
+def read_cache(directory: str | Path) -> Manifest:
+    """The manifest of the cache at ``directory``; a missing path or a file is named as such."""
+    path = Path(directory)
+    if not path.is_dir():
+        why = "it is a file" if path.exists() else "it does not exist"
+        raise CacheNotFoundError(f"{path} is not a complete Distillery cache ({why}); give the directory that "
+                                 "`distillery cache` printed")
+    return read_manifest(path)
 
 
 def summarize(manifest: Manifest) -> dict:

@@ -14,16 +14,28 @@
 from __future__ import annotations
 
 import json
-import queue
-import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from storage.atomic import atomic_write, remove_path, stale_temporaries, write_json, write_text
-from storage.errors import DamagedRecordError, FingerprintMismatchError, ForeignDirectoryError, ManifestError
+from storage.atomic import (
+    atomic_write,
+    remove_path,
+    remove_stale_temporaries,
+    stale_temporaries,
+    write_json,
+    write_text,
+)
+from storage.errors import (
+    DamagedRecordError,
+    FingerprintMismatchError,
+    ForeignDirectoryError,
+    ManifestError,
+)
+from storage.locks import DirectoryLock
 from storage.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -106,8 +118,24 @@ class CacheDirectory:
                 f"{self.fingerprint}; use another cache.dir, or cache.root to keep caches side by side")
         return True
 
+    @contextmanager
+    def _manifest_lock(self):
+        """Held by every writer of the files that are not shards, so that its holder can clear the temporaries
+        killed writers left of them."""
+        lock = DirectoryLock(self.path, ".manifest.lock")
+        lock.acquire("cache.dir", on_wait=lambda holder: None)
+        try:
+            remove_stale_temporaries(self.path, (IDENTITY_NAME, CONFIG_NAME, TOKENIZER_DIR, MANIFEST_NAME))
+            yield
+        finally:
+            lock.release()
+
     def claim(self, config_yaml: str) -> None:
         """Mark the directory as this fingerprint's cache; refuse another cache's files or unrelated ones."""
+        with self._manifest_lock():
+            self._claim(config_yaml)
+
+    def _claim(self, config_yaml: str) -> None:
         refuse_foreign(self.path)
         if (self.path / IDENTITY_NAME).is_file():
             found = _read_json(self.path / IDENTITY_NAME).get("fingerprint")
@@ -191,8 +219,20 @@ class CacheDirectory:
         path = done_record_path(self.path / plan.name)
         write_json(path, with_seal({**asdict(record), "fingerprint": self.fingerprint, "plan": asdict(plan)}, DONE_SEAL))
 
-    def assemble(self, plans: list[ShardPlan], header: Manifest, save_tokenizer: Callable[[Path], None]) -> Path:
-        """Copy the tokenizer (``save_tokenizer(folder)``), then write ``manifest.json`` last."""
+    def part_lock(self, part: int, parts: int, on_wait: Callable[[str], None]) -> DirectoryLock:
+        """Hold part ``part`` of ``parts``: a second process started on the same part waits (``on_wait`` is told
+        the holder), then finds the shards done, instead of rewriting them under the first one."""
+        lock = DirectoryLock(self.path, f".part-{part}-of-{parts}.lock")
+        lock.acquire("cache.dir", on_wait)
+        return lock
+
+    def assemble(self, plans: list[ShardPlan], header: Manifest, save_tokenizer: Callable[[Path], None]) -> Path | None:
+        """Copy the tokenizer (``save_tokenizer(folder)``), then write ``manifest.json`` last. Parts that finish
+        at the same moment take turns; only the first writes it, and the others get None."""
+        with self._manifest_lock():
+            return None if (self.path / MANIFEST_NAME).is_file() else self._assemble(plans, header, save_tokenizer)
+
+    def _assemble(self, plans: list[ShardPlan], header: Manifest, save_tokenizer: Callable[[Path], None]) -> Path:
         shards = []
         for plan in plans:
             record = self.done_record(plan)
@@ -211,46 +251,3 @@ class CacheDirectory:
         manifest = replace(header, fingerprint=self.fingerprint, tokenizer_dir=TOKENIZER_DIR, splits=splits,
                            shards=shards)
         return write_manifest(self.path, manifest)
-
-
-class BackgroundShardWriter:
-    """Writes submitted shards on ``threads`` worker threads; at most ``depth`` more wait in memory.
-
-    Shards are independent files with their own done records, so they may
-    finish in any order. Compression and hashing release the GIL, which lets
-    several threads keep up with a fast GPU teacher.
-    """
-
-    def __init__(self, cache: CacheDirectory, shard_format, level: int, depth: int = 2, threads: int = 1):
-        self.cache, self.format, self.level = cache, shard_format, level
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._threads = [threading.Thread(target=self._run, name=f"shard-writer-{i}", daemon=True)
-                         for i in range(threads)]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, plan: ShardPlan, arrays: dict[str, np.ndarray]) -> None:
-        self._raise_if_failed()
-        self._queue.put((plan, arrays))
-
-    def close(self) -> None:
-        """Wait for every submitted shard to be on disk; re-raise a writer error."""
-        for _ in self._threads:
-            self._queue.put(None)
-        for thread in self._threads:
-            thread.join()
-        self._raise_if_failed()
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"writing a shard to {self.cache.path} failed: {self._error}") from self._error
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    plan, arrays = item
-                    self.cache.write_shard(plan, self.format, arrays, self.level)
-                except BaseException as exc:  # surfaced to the producer by submit/close
-                    self._error = exc

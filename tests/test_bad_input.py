@@ -1,99 +1,72 @@
-"""Bad input fails early with a message naming the file, key or value, and nothing is marked complete."""
+"""Bad input exits 2 with one line on stderr naming the key, file or value, no traceback, and nothing complete.
+
+The cases are the table in ``bad_input_cases``.
+"""
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
-from helpers import cache_args
+from bad_input_cases import CASES, Case, Inputs
+from helpers import cache, cache_args
 
 from pipeline import cli
+from pipeline.config_loading import load_config
+from pipeline.rounds.config import RunJob
+from pipeline.rounds.run import run_pipeline
+
+MARKERS = ("**/manifest.json", "**/*.done.json", "**/final", "**/checkpoints/step-*")
+"""What marks work complete: a cache's manifest and done records, a trained model and its checkpoints."""
 
 
-def run_cli(capsys, args: list[str]) -> str:
-    assert cli.main(["cache", *args]) == 2
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err
-    return captured.err
+def completion_markers(folder: Path) -> set[str]:
+    """The completion markers under ``folder``, and every stage that the ``state.json`` of a run in ``folder`` marks
+    done."""
+    found = {str(p) for pattern in MARKERS for p in folder.glob(pattern)}
+    state = folder / "state.json"
+    if state.is_file():
+        found |= {f"{state}: round {index} {stage}" for index, stages in json.loads(state.read_text())["rounds"].items()
+                  for stage, record in stages.items() if record.get("status") == "done"}
+    return found
 
 
-def assert_nothing_complete(directory):
-    assert not (directory / "manifest.json").exists()
-    assert not list(directory.glob("*.done.json"))  # glob of a missing directory is empty
+def contents(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` but hidden ones (locks, which a refused job may take and release) and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("[!.]*") if p.is_file()}
 
 
-def test_missing_model_path(tmp_path, corpus_jsonl, capsys):
-    err = run_cli(capsys, cache_args(tmp_path / "no-such-model", corpus_jsonl, tmp_path / "c"))
-    assert "teacher.model" in err and "no-such-model" in err and "no such model directory" in err
-    assert_nothing_complete(tmp_path / "c")
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, llama_dir, corpus_jsonl) -> Inputs:
+    """A finished cache and a run directory whose rounds have not run, built once for every case."""
+    root = tmp_path_factory.mktemp("bad-input")
+    small = {"data.seq_len": 32, "cache.shard_size": 64}
+    directory = cache(cache_args(llama_dir, corpus_jsonl, root / "shared-cache", **small)).directory
+    run = load_config(RunJob, None, [f"run.dir={root / 'shared-run'}", f"teacher.model={llama_dir}",
+                                     f"data.path={corpus_jsonl}", "data.seq_len=32", f"cache.root={root / 'caches'}",
+                                     "rounds=[{student: {config: {model_type: llama}}}]"])
+    run_pipeline(run, round_index=1, stage="prepare")
+    return Inputs(tmp=root, teacher=llama_dir, corpus=corpus_jsonl, cache=directory, run=Path(run.run.dir))
 
 
-def test_text_field_not_found(tmp_path, llama_dir, corpus_jsonl, capsys):
-    err = run_cli(capsys, cache_args(llama_dir, corpus_jsonl, tmp_path / "c", **{"data.text_field": "body"}))
-    assert "data.text_field 'body'" in err and "['text', 'id']" in err
-    assert_nothing_complete(tmp_path / "c")
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_exits_2_with_one_line(case: Case, shared: Inputs, tmp_path, capsys):
+    inputs = replace(shared, tmp=tmp_path)
+    argv = case.argv(inputs)
+    complete_before = {name: completion_markers(tmp_path / name) for name in case.outputs}
+    contents_before = {name: contents(tmp_path / name) for name in case.untouched}
+    capsys.readouterr()  # what building the inputs logged
+    assert cli.main(["-q", *map(str, argv)]) == 2  # -q: only warnings and errors, so the error is all there is
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"distillery {argv[0]}: error: "), lines[0]
+    missing = [part for part in case.expect if part not in lines[0]]
+    assert not missing, f"{lines[0]!r} does not say {missing}"
+    assert {name: completion_markers(tmp_path / name) for name in case.outputs} == complete_before
+    assert {name: contents(tmp_path / name) for name in case.untouched} == contents_before
 
 
-@pytest.mark.parametrize("content", ["", '{"text": ""}\n{"text": ""}\n'])
-def test_empty_dataset(tmp_path, llama_dir, capsys, content):
-    data = tmp_path / "empty.jsonl"
-    data.write_text(content)
-    err = run_cli(capsys, cache_args(llama_dir, data, tmp_path / "c", **{"data.holdout_fraction": 0.0}))
-    assert "empty.jsonl" in err and ("empty" in err or "no tokens" in err)
-    assert_nothing_complete(tmp_path / "c")
-
-
-def test_seq_len_beyond_max_positions(tmp_path, llama_dir, corpus_jsonl, capsys):
-    err = run_cli(capsys, cache_args(llama_dir, corpus_jsonl, tmp_path / "c", **{"data.seq_len": 4096}))
-    assert "data.seq_len: 4096 exceeds the teacher's maximum positions (256)" in err
-    assert_nothing_complete(tmp_path / "c")
-
-
-def test_top_k_larger_than_vocab(tmp_path, llama_dir, corpus_jsonl, capsys):
-    err = run_cli(capsys, cache_args(llama_dir, corpus_jsonl, tmp_path / "c", **{"cache.top_k": 100000}))
-    assert "cache.top_k: 100000 exceeds the teacher's vocab size (512)" in err
-    assert_nothing_complete(tmp_path / "c")
-
-
-def test_unwritable_directory(tmp_path, llama_dir, corpus_jsonl, capsys):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a directory")
-    err = run_cli(capsys, cache_args(llama_dir, corpus_jsonl, blocker / "cache"))
-    assert "cache.dir" in err and "a-file/cache" in err and "not a writable directory" in err
-
-
-def test_non_cache_directory_is_refused(tmp_path, llama_dir, corpus_jsonl, capsys):
-    (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "notes.txt").write_text("mine")
-    err = run_cli(capsys, cache_args(llama_dir, corpus_jsonl, tmp_path / "c"))
-    assert "is not empty and is not a Distillery cache" in err
-    assert [p.name for p in (tmp_path / "c").iterdir()] == ["notes.txt"]
-
-
-def test_malformed_config_file(tmp_path, capsys):
-    config = tmp_path / "bad.yaml"
-    config.write_text("teacher: {model: x\ncache: [")
-    err = run_cli(capsys, ["--config", str(config)])
-    assert "bad.yaml is not valid YAML" in err
-
-
-def test_config_problems_are_reported_together(tmp_path, capsys):
-    config = tmp_path / "bad.yaml"
-    config.write_text("teacher:\n  model: m\n  dtyp: bf16\ndata:\n  path: d\n  seq_len: long\ncache:\n  dir: x\n  top_k: 0\n")
-    err = run_cli(capsys, ["--config", str(config), "cache.temperature=-1"])
-    for part in ("teacher.dtyp: unknown key (did you mean 'dtype'?)", "data.seq_len: expected int, got 'long'",
-                 "cache.top_k: must be >= 1, got 0", "cache.temperature: must be > 0"):
-        assert part in err
-
-
-@pytest.mark.parametrize("student,message", [
-    ("{model_type: llama, hidden_size: 30, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4}",
-     "The hidden size (30) is not a multiple of the number of attention heads (4)"),
-    ("{model_type: no_such_model}", "student.config: model_type 'no_such_model' is not a transformers model type"),
-])
-def test_student_configs_that_cannot_build(tmp_path, llama_dir, corpus_jsonl, capsys, student, message):
-    from helpers import cache, train_args
-
-    directory = cache(cache_args(llama_dir, corpus_jsonl, tmp_path / "c", **{"data.seq_len": 32})).directory
-    capsys.readouterr()
-    assert cli.main(["train", *train_args(directory, tmp_path / "o", **{"student.config": student})]) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
-    assert not (tmp_path / "o" / "final").exists()
+def test_the_table_covers_at_least_30_distinct_cases():
+    assert len(CASES) >= 30 and len({case.id for case in CASES}) == len(CASES)

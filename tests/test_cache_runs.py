@@ -35,6 +35,7 @@ def test_exact_output_files(reference):
     shards = [s.path for s in manifest.shards]
     assert shards[0] == "train-00000.arrow" and manifest.shards_for("eval")[0].path == "eval-00000.arrow"
     expected = {"manifest.json", "fingerprint.json", "config.yaml", "tokenizer", "tokens"}
+    expected |= {".manifest.lock", ".part-0-of-1.lock"}  # flock files: two writers of one part or one manifest wait
     expected |= {p for s in shards for p in (s, s + ".done.json")}
     assert {p.name for p in reference.iterdir()} == expected
     assert manifest.splits["train"]["sequences"] + manifest.splits["eval"]["sequences"] == sum(
@@ -96,12 +97,14 @@ def test_crash_then_resume_equals_uninterrupted(tmp_path, reference, llama_dir, 
     monkeypatch.setattr(CacheDirectory, "write_shard", original)
     assert not (directory / "manifest.json").exists()
     (directory / "train-00001.arrow").write_bytes(b"corrupted after its record was written")
+    for leftover in (".manifest.json.tmp-999-dead", ".fingerprint.json.tmp-999-dead", ".tokenizer.old-999-dead"):
+        (directory / leftover).write_bytes(b"left by a writer killed mid-rename")
 
     resumed = cache(cache_args(llama_dir, corpus_jsonl, directory))
     total = len(read_manifest(reference).shards)
     assert resumed.shards_written == total - 1  # shard 0 kept; shard 1 corrupt, 2 crashed, rest never started
     assert shard_hashes(directory) == shard_hashes(reference)
-    assert not list(directory.glob(".*tmp-*"))
+    assert not [p.name for p in directory.glob(".*") if ".tmp-" in p.name or ".old-" in p.name]
 
 
 def test_slurm_array_parts_and_finalize(tmp_path, reference, llama_dir, corpus_jsonl, capsys):

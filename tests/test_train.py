@@ -91,6 +91,17 @@ def test_tied_weights_checkpoint_and_resume_bitwise(tmp_path, topk_cache, monkey
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_what_a_kill_leaves_behind_is_cleared_on_resume(tmp_path, topk_cache, monkeypatch):
+    train_interrupted_at(7, train_args(topk_cache, tmp_path / "o"), monkeypatch)
+    with open(tmp_path / "o" / "metrics.jsonl", "a") as handle:
+        handle.write('{"type": "train", "step": 7, "lo')  # kill -9 in the middle of an append
+    (tmp_path / "o" / ".final.tmp-999-dead").mkdir()  # and in the middle of writes of final/ and a checkpoint
+    (tmp_path / "o" / "checkpoints" / ".step-00000008.tmp-999-dead").mkdir()
+    train(train_args(topk_cache, tmp_path / "o"))
+    assert [r["step"] for r in records(tmp_path / "o", "train")] == list(range(1, 13))
+    assert not [p for p in (tmp_path / "o").rglob(".*") if ".tmp-" in p.name]
+
+
 def test_changed_settings_do_not_resume_silently(tmp_path, topk_cache):
     """A rerun into the same out_dir with another loss and LR is refused with the changed keys; changing only
     how the run is logged or read resumes."""

@@ -51,21 +51,13 @@ def run_cache(job: CacheJob, num_tasks: int = 1, task_index: int = 0, finalize_o
     if not finalize_only:
         parts = num_parts(num_tasks, here.size // ranks_per_part)
         part = part_index(task_index, num_tasks, here.rank // ranks_per_part, here.size // ranks_per_part)
-        mine = [plan.shards[i] for i in shards_of_part(len(plan.shards), part, parts)]
-        todo, damaged = cache.unfinished(mine)
-        for problem in damaged:
-            log.warning(f"{problem}; not trusted: the shard is written again")
-        if writer:
-            for shard in todo:
-                cache.discard(shard)
-        log.info(f"part {part}/{parts}: {len(mine)} shards, {len(mine) - len(todo)} already complete, "
-                 f"{len(todo)} to write")
-        if todo:
-            device = resolve_device(job.device, here.local_rank * job.teacher.gpus_per_part)
-            times = write_shards(plan, todo, device, part, load_teacher(plan, device), writer)
-            log.info(f"part {part}: teacher {times.teacher:.1f} s, blocked on the shard writer "
-                     f"{times.writer_wait:.1f} s, final flush {times.final_flush:.1f} s")
-        written = len(todo) if writer else 0
+        lock = cache.part_lock(part, parts, lambda holder: log.warning(
+            f"part {part}/{parts} of {plan.directory} is held by {holder}; waiting for it")) if writer else None
+        try:
+            written = _write_part(job, plan, part, parts, writer)
+        finally:
+            if lock is not None:
+                lock.release()
     if not writer:
         return CacheResult(plan.directory, False, written)
     missing = cache.missing(plan.shards)
@@ -76,6 +68,28 @@ def run_cache(job: CacheJob, num_tasks: int = 1, task_index: int = 0, finalize_o
         log.info(f"{len(missing)} shards are still being written by other parts; "
                  "the last part to finish writes the manifest")
         return CacheResult(plan.directory, False, written)
-    cache.assemble(plan.shards, plan.header, lambda folder: plan.tokenizer.save_pretrained(str(folder)))
-    log.info(f"wrote manifest for {len(plan.shards)} shards in {plan.directory}")
+    if cache.assemble(plan.shards, plan.header, lambda folder: plan.tokenizer.save_pretrained(str(folder))):
+        log.info(f"wrote manifest for {len(plan.shards)} shards in {plan.directory}")
+    else:
+        log.info(f"another part wrote the manifest of {plan.directory} at the same moment")
     return CacheResult(plan.directory, False, written)
+
+
+def _write_part(job: CacheJob, plan, part: int, parts: int, writer: bool) -> int:
+    """Write the shards of this part that have no valid done record; return how many this process wrote."""
+    cache = plan.cache
+    mine = [plan.shards[i] for i in shards_of_part(len(plan.shards), part, parts)]
+    todo, damaged = cache.unfinished(mine)
+    for problem in damaged:
+        log.warning(f"{problem}; not trusted: the shard is written again")
+    if writer:
+        for shard in todo:
+            cache.discard(shard)
+    log.info(f"part {part}/{parts}: {len(mine)} shards, {len(mine) - len(todo)} already complete, "
+             f"{len(todo)} to write")
+    if todo:
+        device = resolve_device(job.device, world().local_rank * job.teacher.gpus_per_part)
+        times = write_shards(plan, todo, device, part, load_teacher(plan, device), writer)
+        log.info(f"part {part}: teacher {times.teacher:.1f} s, blocked on the shard writer "
+                 f"{times.writer_wait:.1f} s, final flush {times.final_flush:.1f} s")
+    return len(todo) if writer else 0

@@ -16,8 +16,10 @@ from pipeline.cache.plan import CachePlan
 from pipeline.cache.reduce import hybrid_targets, sample_targets, sequence_uniforms, topk_targets
 from pipeline.errors import TeacherError
 from pipeline.hf import LogitHead, check_logit_head, hidden_states, input_device, load_model
+from pipeline.log import progress_bars
 from storage.formats import get_format
-from storage.writer import BackgroundShardWriter, ShardPlan
+from storage.shard_writer import BackgroundShardWriter
+from storage.writer import ShardPlan
 
 SPLIT_IDS = {"train": 0, "eval": 1}
 
@@ -129,7 +131,8 @@ def write_shards(plan: CachePlan, todo: list[ShardPlan], device: torch.device, p
     shard_writer = BackgroundShardWriter(plan.cache, get_format(c.format), c.compression_level, depth=threads + 1,
                                    threads=threads)
     total = sum(s.count for s in todo) * plan.job.data.seq_len
-    progress = tqdm(total=total, unit="tok", unit_scale=True, desc=f"teacher pass (part {part})", file=sys.stderr)
+    progress = tqdm(total=total, unit="tok", unit_scale=True, desc=f"teacher pass (part {part})", file=sys.stderr,
+                    disable=not progress_bars())
     times = PassTimes()
     try:
         for shard in todo:

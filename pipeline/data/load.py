@@ -1,10 +1,14 @@
 """Load documents with ``datasets.load_dataset`` from a local file or folder, or from the hub, and read them in batches."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import DataError
+from pipeline.hf import looks_local
+from pipeline.log import progress_bars
 
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
@@ -15,17 +19,19 @@ def _builder_for(path: Path) -> str | None:
     return BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
-def local_files(path: Path) -> tuple[str, list[str]]:
-    """The ``datasets`` builder and the data files of a local file or folder."""
+def local_files(path: Path, key: str = "data.path") -> tuple[str, list[str]]:
+    """The ``datasets`` builder and the data files of a local file or folder (named by the setting ``key``)."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and _builder_for(p))
     builders = {_builder_for(p) for p in files}
     if not files or None in builders:
         raise DataError(
-            f"data.path {path}: no readable data files; expected .txt, .json, .jsonl or .parquet "
+            f"{key} {path}: no readable data files; expected .txt, .json, .jsonl or .parquet "
             f"(optionally compressed with {', '.join(COMPRESSIONS)})"
         )
     if len(builders) > 1:
-        raise DataError(f"data.path {path} mixes file types {sorted(builders)}; use one type per folder")
+        raise DataError(f"{key} {path} mixes file types {sorted(builders)}; use one type per folder")
+    if not any(p.stat().st_size for p in files):  # datasets fails on an empty .jsonl file without a message
+        raise DataError(f"{key} {path} is empty; give a file with documents")
     return builders.pop(), [str(p) for p in files]
 
 
@@ -36,28 +42,79 @@ def _column_names(dataset) -> list[str]:
     return list(first)
 
 
-def load_documents(path: str, split: str, columns: dict[str, str], streaming: bool = False):
-    """A ``datasets.Dataset`` (or ``IterableDataset`` when ``streaming``) of ``path``, checking ``columns`` exist."""
+def _causes(exc: BaseException | None) -> Iterator[BaseException]:
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def not_utf8(key: str, path: str, exc: UnicodeDecodeError) -> DataError:
+    return DataError(f"{key} {path!r} is not UTF-8 text ({exc}); convert it to UTF-8, e.g. with iconv -t utf-8")
+
+
+def _load_error(key: str, path: str, split: str, exc: Exception) -> DataError:
+    """One ``DataError`` naming the input and the innermost cause (datasets wraps it, e.g. in a generation error)."""
+    causes = list(_causes(exc))
+    undecodable = next((c for c in causes if isinstance(c, UnicodeDecodeError)), None)
+    if undecodable is not None:
+        return not_utf8(key, path, undecodable)
+    where = "local data" if Path(path).expanduser().exists() else "a hub dataset (it is not a local path)"
+    reason = str(exc) if len(causes) == 1 else f"{exc} ({causes[-1]})"
+    return DataError(f"{key} {path!r}: could not load {where}, split {split!r}: {reason}")
+
+
+@contextmanager
+def _datasets_output():
+    """While ``datasets`` loads: no progress bars under ``--quiet``, and no log of the errors it logs just before
+    raising them, since the raise is reported as one ``DataError`` line."""
+    import datasets
+
+    quiet = not progress_bars() and not datasets.utils.are_progress_bars_disabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    handlers = logging.getLogger("datasets").handlers
+    for handler in handlers:
+        handler.addFilter(_below_error)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(_below_error)
+        if quiet:
+            datasets.enable_progress_bars()
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
+def load_documents(path: str, split: str, columns: dict[str, str], streaming: bool = False, key: str = "data.path"):
+    """A ``datasets.Dataset`` (or ``IterableDataset`` when ``streaming``) of ``path``, checking ``columns`` exist.
+
+    ``key`` is the setting that names ``path``, for the messages of errors.
+    """
     import datasets
 
     local = Path(path).expanduser()
+    if looks_local(path) and not local.exists():
+        raise DataError(f"{key} {path!r} does not exist; give a data file, a folder of them or a hub dataset id")
     try:
-        if local.exists():
-            builder, files = local_files(local)
-            dataset = datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
-        else:
-            dataset = datasets.load_dataset(path, split=split, streaming=streaming)
+        with _datasets_output():
+            if local.exists():
+                builder, files = local_files(local, key)
+                dataset = datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
+            else:
+                dataset = datasets.load_dataset(path, split=split, streaming=streaming)
         names = _column_names(dataset)
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types; name the input either way
-        where = "local data" if local.exists() else "a hub dataset (it is not a local path)"
-        raise DataError(f"data.path {path!r}: could not load {where}, split {split!r}: {exc}") from exc
-    for key, column in columns.items():
+        raise _load_error(key, path, split, exc) from exc
+    for field, column in columns.items():
         if column not in names:
             raise DataError(
-                f"data.{key} {column!r} is not a column of {path!r}; "
-                f"its columns are {names}. Set data.{key} to one of them."
+                f"data.{field} {column!r} is not a column of {path!r}; "
+                f"its columns are {names}. Set data.{field} to one of them."
             )
     return dataset.select_columns(sorted(set(columns.values())))
 

@@ -145,7 +145,8 @@ def special_ids(tokenizer) -> tuple[int, int]:
     """The EOS that joins documents and the pad id of the final block (EOS when there is no pad token)."""
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
-        raise DataError("the tokenizer has no EOS token, so documents cannot be joined; set tokenizer.eos_token")
+        raise DataError(f"the tokenizer of {tokenizer.name_or_path!r} has no EOS token, which joins the documents; "
+                        "set eos_token in its tokenizer_config.json, or use a tokenizer that has one")
     return eos_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
 
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
 from pipeline.data.config import DataConfig
 from pipeline.data.encode import required_columns
-from pipeline.data.load import count_documents, document_batches, load_documents
+from pipeline.data.load import count_documents, document_batches, load_documents, not_utf8
 from pipeline.errors import DataError
 
 BATCH_DOCUMENTS = 256
@@ -68,21 +69,34 @@ def _held_out(documents, cfg: DataConfig, full: Callable[[], bool]) -> Iterator[
             yield "eval", _take(batch, np.flatnonzero(is_held))
 
 
-def _documents(path: str, split: str, cfg: DataConfig):
-    documents = load_documents(path, split, required_columns(cfg), cfg.streaming)
+def _documents(key: str, cfg: DataConfig):
+    """The documents of the dataset that ``key`` (``data.path`` or ``data.eval_path``) names."""
+    path, split = (cfg.path, cfg.split) if key == "data.path" else (cfg.eval_path, cfg.eval_split or cfg.split)
+    documents = load_documents(path, split, required_columns(cfg), cfg.streaming, key)
     if not cfg.streaming and len(documents) == 0:  # a streamed one is found empty when nothing was packed
-        raise DataError(f"data.path {path!r} split {split!r} is empty")
+        raise DataError(f"{key} {path!r} split {split!r} is empty")
     return documents
 
 
+@contextmanager
+def _decoding(key: str, path: str):
+    """Text that is not UTF-8 may only fail when a batch of it is decoded (a .jsonl file): name the file then."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise not_utf8(key, path, exc) from None
+
+
 def _split_batches(cfg: DataConfig, full: Callable[[], bool]) -> Iterator[tuple[str, dict]]:
-    documents = _documents(cfg.path, cfg.split, cfg)
-    if cfg.holdout_fraction > 0:
-        yield from _held_out(documents, cfg, full)
-        return
-    yield from _whole(documents, "train", full)
+    with _decoding("data.path", cfg.path):
+        documents = _documents("data.path", cfg)
+        if cfg.holdout_fraction > 0:
+            yield from _held_out(documents, cfg, full)
+            return
+        yield from _whole(documents, "train", full)
     if cfg.eval_path:
-        yield from _whole(_documents(cfg.eval_path, cfg.eval_split or cfg.split, cfg), "eval", lambda: False)
+        with _decoding("data.eval_path", cfg.eval_path):
+            yield from _whole(_documents("data.eval_path", cfg), "eval", lambda: False)
 
 
 _worker_encoder: Callable | None = None  # set once per worker process, so batches do not carry the tokenizer

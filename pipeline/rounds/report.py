@@ -5,11 +5,13 @@ import json
 from pathlib import Path
 
 from pipeline.config_loading import load_config
+from pipeline.errors import ConfigError
 from pipeline.rounds.config import RunJob, round_dir
 from pipeline.rounds.state import read_state
 from pipeline.train.evaluate import score_against_teacher
 from storage.atomic import atomic_write, write_text
 from storage.manifest import read_manifest
+from storage.writer import IDENTITY_NAME
 
 # Every column has one format, whatever the magnitude of its values.
 COLUMN_FORMATS = {"round": "{}", "teacher": "{}", "student params": "{:,}", "cache tokens": "{:,}",
@@ -80,11 +82,26 @@ def _save(figure, path: Path) -> None:
         figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
 
 
+def read_run(run_dir: Path) -> tuple[RunJob, dict]:
+    """The config and the per-round state of a run directory; a ``ConfigError`` says why ``run_dir`` is not one."""
+    config = run_dir / "config.yaml"
+    why = ("it does not exist" if not run_dir.exists() else "it is a file" if not run_dir.is_dir()
+           else "it is a cache: see `distillery inspect`" if (run_dir / IDENTITY_NAME).is_file()
+           else "it has no config.yaml" if not config.is_file() else None)
+    if why is None:
+        try:
+            job = load_config(RunJob, config, [])
+        except ConfigError as exc:
+            why = f"its config.yaml is not a run's: {exc}"
+        else:
+            return job, read_state(run_dir)["rounds"]
+    raise ConfigError(f"{run_dir} is not a Distillery run directory ({why}); give the run.dir of a `distillery run`")
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write ``report.md``, ``report.json``, ``loss.png`` and ``kl.png`` for the complete rounds."""
     run_dir = Path(run_dir)
-    job = load_config(RunJob, run_dir / "config.yaml", [])
-    state = read_state(run_dir)["rounds"]
+    job, state = read_run(run_dir)
     rows, pending = [], []
     for index in range(1, job.round_count() + 1):
         record = state.get(str(index), {})
@@ -108,8 +125,7 @@ def build_report(run_dir: str | Path) -> Path:
 def format_status(run_dir: str | Path) -> str:
     """One line per round and stage: status, cache hit, wall time, and any lock holders."""
     run_dir = Path(run_dir)
-    job = load_config(RunJob, run_dir / "config.yaml", [])
-    state = read_state(run_dir)["rounds"]
+    job, state = read_run(run_dir)
     lines = [f"run {run_dir}"]
     for index in range(1, job.round_count() + 1):
         for stage in ("cache", "train"):

@@ -16,6 +16,7 @@ from pipeline.cache.plan import prepare_tokens
 from pipeline.cache.run import run_cache
 from pipeline.config_loading import to_yaml
 from pipeline.dist import world
+from pipeline.errors import ConfigError
 from pipeline.log import get_logger
 from pipeline.rounds.config import RunJob, cache_job, round_dir, teacher_of, train_job
 from pipeline.rounds.state import stage_lock, stage_record, update_stage
@@ -62,14 +63,14 @@ def _train_stage(job: RunJob, index: int) -> None:
 def run_pipeline(job: RunJob, round_index: int | None = None, stage: str | None = None,
                  num_tasks: int = 1, task_index: int = 0) -> Path:
     """Run the selected rounds and stages (all by default), skipping complete work; return the run dir."""
+    if round_index is not None and not 1 <= round_index <= job.round_count():
+        raise ConfigError(f"--round {round_index} is outside 1..{job.round_count()}, the rounds of this run's config")
     run_dir = Path(job.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", to_yaml(job))
     rank = world().rank
     rounds = [round_index] if round_index else range(1, job.round_count() + 1)
     for index in rounds:
-        if not 1 <= index <= job.round_count():
-            raise ValueError(f"--round {index} is outside 1..{job.round_count()}")
         if stage == "prepare":  # not a stage of state.json: the cache stage reuses (or rebuilds) the store itself
             log.info(f"round {index}: token store {prepare_tokens(cache_job(job, index))[3].directory}")
             continue

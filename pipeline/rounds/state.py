@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.errors import ConfigError
 from storage.atomic import write_text
 
 STATE_NAME = "state.json"
@@ -27,7 +28,16 @@ class LockHeldError(RuntimeError):
 
 def read_state(run_dir: Path) -> dict:
     path = run_dir / STATE_NAME
-    return json.loads(path.read_text()) if path.is_file() else {"rounds": {}}
+    if not path.is_file():
+        return {"rounds": {}}
+    redo = "delete it to redo every stage (complete caches are reused, training resumes from its checkpoints)"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); {redo}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("rounds"), dict):
+        raise ConfigError(f"{path} holds no mapping of rounds; {redo}")
+    return state
 
 
 @contextmanager

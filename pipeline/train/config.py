@@ -91,7 +91,8 @@ class PhaseConfig:
     """Loss fields overriding the top-level ``loss`` in this phase, e.g. ``{kind: ce}``."""
 
     def __post_init__(self):
-        raise_problems(need(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}"))
+        raise_problems(need(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}"),
+                       need(self.lr is None or self.lr > 0, "lr", f"must be > 0 (or unset: train.lr), got {self.lr}"))
 
 
 @dataclass
@@ -145,12 +146,18 @@ class TrainConfig:
             need(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}"),
             need(self.batch_size >= 1, "batch_size", "must be >= 1"),
             need(self.grad_accum >= 1, "grad_accum", "must be >= 1"),
-            need(self.lr > 0, "lr", "must be > 0"),
+            need(self.lr > 0, "lr", f"must be > 0, got {self.lr}"),
             need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]"),
             need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0"),
             need(self.chunk_size >= 1, "chunk_size", "must be >= 1"),
             need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1"),
             need(self.num_workers >= 0, "num_workers", "must be >= 0"),
+            need(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}"),
+            need(self.eval_every >= 0, "eval_every", f"must be >= 0 (0: only at the end), got {self.eval_every}"),
+            need(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0 (0: none), got {self.checkpoint_every}"),
+            need(self.eval_batches is None or self.eval_batches >= 1, "eval_batches", "must be >= 1 or null (all)"),
+            need(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}"),
+            need(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 disables clipping), got {self.grad_clip}"),
         )
 
 

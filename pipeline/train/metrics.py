@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.dist import World, all_gather_rows
-from storage.atomic import write_text
+from storage.atomic import is_disk_full, no_space, write_text
 
 
 class MetricsLog:
@@ -24,13 +24,26 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int, enabled: bool):
         self.path, self.enabled = path, enabled
         if enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
             write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise no_space(self.path) from exc
+                raise
+
+
+def _step_of(line: str) -> float:
+    """A record's step; a line torn by a kill in the middle of its append sorts after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 class DataWait:

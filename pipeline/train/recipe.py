@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pipeline import preempt
 from pipeline.dist import all_reduce_sum, any_rank, barrier, init_process_group, world
 from pipeline.hf import LogitHead, load_model, resolve_device
-from pipeline.log import get_logger
+from pipeline.log import get_logger, progress_bars
 from pipeline.train.checkpoint import restore_rng, save_checkpoint
 from pipeline.train.config import LiveTeacherConfig, Phase, StudentConfig, TrainConfig
 from pipeline.train.evaluate import evaluate
@@ -31,7 +31,7 @@ from pipeline.train.schedule import lr_at, phase_at
 from pipeline.train.sources import BatchSource
 from pipeline.train.step import LossFacts, combine, micro_batch_sums, token_counts
 from pipeline.train.student import build_student
-from storage.atomic import atomic_write, ensure_writable, write_text
+from storage.atomic import atomic_write, ensure_writable, remove_stale_temporaries, write_text
 from storage.errors import DirectoryInUseError
 from storage.locks import DirectoryLock
 from storage.stream import StreamOrder, StreamState
@@ -80,6 +80,8 @@ class TrainingRecipe:
             state = found.state
             self.step, self.tokens, self.samples_sha256 = state["step"], state["tokens"], state["samples_sha256"]
             log.info(f"resumed from {found.path} at step {self.step} ({state['world_size']} -> {self.world.size} ranks)")
+        if self.world.is_main:  # only now: a refused job must not leave its config beside another run's checkpoints
+            write_text(self.out / "config.yaml", self.config_yaml)
         if self.complete:
             return
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.step, self.world.is_main)
@@ -99,12 +101,12 @@ class TrainingRecipe:
             ensure_writable(self.out, "train.out_dir")
             try:
                 self.lock.acquire("train.out_dir")
+                for directory in (self.out, self.out / "checkpoints"):  # left by a killed job; this one owns them
+                    remove_stale_temporaries(directory)
             except DirectoryInUseError as exc:
                 held_elsewhere = exc
         if any_rank(held_elsewhere is not None, self.world):
             raise held_elsewhere or DirectoryInUseError(f"train.out_dir {self.out} is in use by another job")
-        if self.world.is_main:
-            write_text(self.out / "config.yaml", self.config_yaml)
 
     def close(self) -> None:
         """Release ``out_dir`` (the kernel does it anyway when the process ends)."""
@@ -187,7 +189,7 @@ class TrainingRecipe:
             return self.final
         cfg = self.cfg
         progress = tqdm(total=self.total, initial=self.step, desc="train", unit="step", file=sys.stderr,
-                        disable=not self.world.is_main)
+                        disable=not (self.world.is_main and progress_bars()))
         began = time.perf_counter()
         while self.step < self.total:
             phase_index, phase = phase_at(self.step, self.phases)

@@ -19,7 +19,7 @@ from pipeline.data.pack import PackedSplit
 from pipeline.dist import world
 from pipeline.errors import DataError
 from pipeline.log import get_logger
-from storage.errors import ChecksumError
+from storage.errors import CacheError, ChecksumError
 from storage.manifest import Manifest, ShardRecord, read_manifest
 from storage.reader import SoftTargetStream, sequential_batches, to_tensors
 from storage.stream import StreamOrder, StreamState, iterate_batches
@@ -64,12 +64,20 @@ def _check_shards(manifest: Manifest, records: list[ShardRecord]) -> None:
                             f"`distillery verify {manifest.directory}` and rebuild the cache")
 
 
+def _manifest(key: str, directory: str) -> Manifest:
+    """The manifest of the cache that the setting ``key`` names; its errors name the key."""
+    try:
+        return read_manifest(directory)
+    except CacheError as exc:
+        raise type(exc)(f"{key}: {exc}") from None
+
+
 def cache_source(cache_dir: str, eval_dir: str | None, order: StreamOrder, verify: bool,
                  num_workers: int) -> BatchSource:
     """Batches of a finished cache's train split; held-out batches from ``eval_dir`` (default: the same cache)."""
     from transformers import AutoTokenizer
 
-    manifest = read_manifest(cache_dir)
+    manifest = _manifest("cache.dir", cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(Path(cache_dir) / manifest.tokenizer_dir))
 
     def stream(start: StreamState) -> Iterator[Batch]:
@@ -78,7 +86,7 @@ def cache_source(cache_dir: str, eval_dir: str | None, order: StreamOrder, verif
 
     SoftTargetStream(cache_dir, order, verify=False)  # fails early when the global batch exceeds the split
     held_out = eval_dir or cache_dir
-    held_out_manifest = read_manifest(held_out)
+    held_out_manifest = _manifest("cache.eval_dir" if eval_dir else "cache.dir", held_out)
     if verify:
         _check_shards(manifest, manifest.shards_for("train") if eval_dir else manifest.shards)
         if eval_dir:

@@ -1,0 +1,60 @@
+"""``kill -9`` of the whole process tree at random times, for every stage; each kill is followed by a rerun.
+
+The outcome must be bitwise that of a run that was never interrupted.
+"""
+from __future__ import annotations
+
+import signal
+
+import pytest
+from harness import Sweep
+from jobs import (
+    cache_command,
+    cache_overrides,
+    check_cache,
+    check_run,
+    check_training,
+    distillery,
+    never_complete_by_mistake,
+    run_command,
+    run_state_is_json,
+    shard_hashes,
+    timed,
+    train_command,
+)
+
+KILL = signal.SIGKILL
+# A torchrun launch (two parts) starts more slowly than one process: its kill times reach further.
+TORCHRUN_HORIZON = 1.5
+
+
+@pytest.mark.parametrize("backend", ["arrow", "zarr"])
+def test_stage1_survives_random_kills(backend, tmp_path, reference_cache, chaos_teacher, chaos_corpus, scale, seed,
+                                      chaos_results):
+    reference, wall = reference_cache
+    if backend != "arrow":
+        reference = tmp_path / "reference"
+        wall = timed(distillery("cache", *cache_overrides(chaos_teacher, chaos_corpus, reference, backend)))
+    expected = shard_hashes(reference)
+    sweep = Sweep(f"cache-{backend}", cache_command(chaos_teacher, chaos_corpus, backend, torchrun_every=2),
+                  wall * TORCHRUN_HORIZON, f"{seed}-cache-{backend}", KILL)
+    result = sweep.run(lambda trial: tmp_path / f"trial-{trial}", lambda out, _: check_cache(out, expected),
+                       scale["cache"], tmp_path / "log.txt", lambda out, _: never_complete_by_mistake(out))
+    chaos_results.add_sweep("1 cache", result.summary(), "every shard bitwise, verify passes, no partial files")
+
+
+def test_stage2_survives_random_kills(tmp_path, reference_cache, reference_training, scale, seed, chaos_results):
+    reference, wall = reference_training
+    sweep = Sweep("train", train_command(reference_cache[0]), wall, f"{seed}-train", KILL)
+    result = sweep.run(lambda trial: tmp_path / f"trial-{trial}", lambda out, _: check_training(out, reference),
+                       scale["train"], tmp_path / "log.txt")
+    chaos_results.add_sweep("2 train", result.summary(),
+                            "final weights bitwise, every step logged once with the same loss")
+
+
+def test_stage3_survives_random_kills(tmp_path, llama_dir, corpus_jsonl, reference_run, scale, seed, chaos_results):
+    reference, wall = reference_run
+    sweep = Sweep("run", run_command(llama_dir, corpus_jsonl), wall, f"{seed}-run", KILL)
+    result = sweep.run(lambda trial: tmp_path / f"trial-{trial}", lambda out, _: check_run(out, reference),
+                       scale["run"], tmp_path / "log.txt", lambda run_dir, _: run_state_is_json(run_dir))
+    chaos_results.add_sweep("3 run", result.summary(), "round 2's student bitwise, state.json always valid JSON")
