@@ -7,14 +7,14 @@ import sys
 import textwrap
 
 from pipeline.cache.config import CacheJob
-from pipeline.errors import ConfigError, DataError, TeacherError
+from pipeline.errors import CheckpointError, ConfigError, DataError, TeacherError
 from pipeline.log import get_logger, set_verbosity
 from pipeline.rounds.config import RunJob
 from pipeline.rounds.state import LockHeldError
 from pipeline.train.config import PretrainJob, TrainJob
 from storage.errors import CacheError
 
-USER_ERRORS = (ConfigError, DataError, TeacherError, CacheError, FileNotFoundError, LockHeldError)
+USER_ERRORS = (CheckpointError, ConfigError, DataError, TeacherError, CacheError, FileNotFoundError, LockHeldError)
 
 
 def _cache(args) -> int:

@@ -22,3 +22,7 @@ class DataError(ValueError):
 
 class TeacherError(ValueError):
     """The teacher model or tokenizer cannot be used as configured."""
+
+
+class CheckpointError(ValueError):
+    """A training checkpoint is damaged or cannot be loaded; the message names the file."""

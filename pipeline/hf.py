@@ -14,6 +14,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
+def load_failure(exc: Exception) -> str:
+    """A transformers loading error on one line (some, such as the refusal of shipped code, span several)."""
+    return " ".join(str(exc).split())
+
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` picks the local rank's GPU when CUDA is available, else the CPU."""
@@ -48,7 +52,7 @@ def load_config_and_tokenizer(name: str, revision: str | None = None, trust_remo
         config = AutoConfig.from_pretrained(name, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
-        raise TeacherError(f"{key} {name!r} could not be loaded: {exc}") from exc
+        raise TeacherError(f"{key} {name!r} could not be loaded: {load_failure(exc)}") from exc
     return config, tokenizer
 
 
@@ -76,7 +80,7 @@ def load_model(name: str, device: torch.device, dtype: str = "auto", revision: s
             name, revision=revision, trust_remote_code=trust_remote_code, dtype=DTYPES.get(dtype, "auto"),
             **(placement or {}))
     except (OSError, ValueError) as exc:
-        raise TeacherError(f"{key} {name!r}: weights could not be loaded: {exc}") from exc
+        raise TeacherError(f"{key} {name!r}: weights could not be loaded: {load_failure(exc)}") from exc
     return (model if placement else model.to(device)).eval()
 
 

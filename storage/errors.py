@@ -33,6 +33,10 @@ class ManifestError(CacheError, ValueError):
     """A manifest or done record is not valid JSON of the expected shape."""
 
 
+class DamagedRecordError(ManifestError):
+    """A shard's done record is torn, edited, or disagrees with its shard or plan; it is never trusted."""
+
+
 class NotWritableError(CacheError, OSError):
     """An output directory cannot be created or written."""
 

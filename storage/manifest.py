@@ -1,8 +1,16 @@
-"""The typed ``Manifest`` and ``ShardRecord``, fingerprints and shard checksums.
+"""The typed ``Manifest`` and ``ShardRecord``, fingerprints, and the checksums of files, shards and sealed records.
 
 This module is the only reader and writer of ``manifest.json``. The manifest
 is written last and atomically; its existence is the only marker of a
-complete cache. Field order in ``Manifest`` is the key order of the JSON file.
+complete cache. Field order in ``Manifest`` is the key order of the JSON file,
+followed by ``manifest_sha256``, its seal (``with_seal``).
+
+A seal is a sha256 a JSON record carries of its own content. It catches edits
+and damage that leave the record valid JSON (a changed count, a removed
+entry), which no parser notices. It is computed over the canonical JSON of
+every other field: keys sorted, no whitespace, after one round trip through
+JSON, so the text the record was written as does not matter. Manifests, done
+records, token-store indexes and checkpoint states are sealed.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ from storage.errors import CacheNotFoundError, ChecksumError, ManifestError
 
 FORMAT_VERSION = 2  # 2: token ids stored as uint16 when they fit
 MANIFEST_NAME = "manifest.json"
+MANIFEST_SEAL = "manifest_sha256"
 _BLOCK = 1 << 22
 
 
@@ -24,6 +33,31 @@ def fingerprint(identity: dict) -> str:
     """A short stable hash of a JSON-serialisable identity dictionary."""
     text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:  # plain reads: hashing leaves no mapped pages in this process
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _content_sha256(record: dict) -> str:
+    canonical = json.dumps(json.loads(json.dumps(record)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def with_seal(record: dict, key: str) -> dict:
+    """``record`` with ``key`` added last: the sha256 of every other field."""
+    return {**record, key: _content_sha256(record)}
+
+
+def seal_is_broken(record: dict, key: str) -> bool:
+    """True when ``record`` carries a seal under ``key`` that does not match the rest of it.
+
+    A record without one (written before seals existed) is not broken.
+    """
+    if key not in record:
+        return False
+    return record[key] != _content_sha256({k: v for k, v in record.items() if k != key})
 
 
 def _update_with_file(digest, path: Path) -> None:
@@ -49,9 +83,8 @@ def shard_sha256(path: Path) -> str:
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
             digest.update(file.relative_to(path).as_posix().encode() + b"\0")
             _update_with_file(digest, file)
-    else:
-        _update_with_file(digest, path)
-    return digest.hexdigest()
+        return digest.hexdigest()
+    return file_sha256(path)
 
 
 def shard_bytes(path: Path) -> int:
@@ -131,10 +164,10 @@ class Manifest:
                                 "directory (a symlink); the cache is tampered or damaged: rebuild it")
         return path
 
-    def verify(self) -> list[str]:
-        """Re-hash every listed shard; return one message per bad or missing shard."""
+    def verify(self, records: list[ShardRecord] | None = None) -> list[str]:
+        """Re-hash ``records`` (default: every listed shard); return one message per bad or missing shard."""
         problems = []
-        for record in self.shards:
+        for record in self.shards if records is None else records:
             path = self.shard_path(record)
             if not path.exists():
                 problems.append(f"missing: {path}")
@@ -184,7 +217,7 @@ class Manifest:
 def write_manifest(directory: Path, manifest: Manifest) -> Path:
     """Write ``manifest.json`` atomically: the last step of a cache, marking it complete."""
     path = directory / MANIFEST_NAME
-    write_json(path, manifest.to_json())
+    write_json(path, with_seal(manifest.to_json(), MANIFEST_SEAL))
     return path
 
 
@@ -201,4 +234,7 @@ def read_manifest(directory: str | Path) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path} is not valid JSON ({exc}); the cache is damaged: rebuild it") from None
+    if isinstance(data, dict) and seal_is_broken(data, MANIFEST_SEAL):
+        raise ManifestError(f"{path} does not match its {MANIFEST_SEAL}: it was edited or damaged after it was "
+                            "written; the cache cannot be trusted: rebuild it")
     return Manifest.from_json(data, directory, str(path))

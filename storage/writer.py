@@ -3,16 +3,17 @@
 1. ``claim`` writes ``fingerprint.json`` before any shard, so a directory is
    never shared by two configurations.
 2. Each shard is written atomically by a background thread, then gets a
-   ``<shard>.done.json`` record holding its checksum. Parallel parts write
-   disjoint shards and need no communication.
+   ``<shard>.done.json`` record holding its checksum, sealed by
+   ``record_sha256`` (``storage.manifest.with_seal``). Parallel parts write
+   disjoint shards and need no communication. A record that is torn, edited
+   or disagrees with its shard or its plan is never trusted: it is reported
+   and the shard written again.
 3. Once every planned shard has a valid record, ``assemble`` copies the
    tokenizer and writes ``manifest.json`` last; it is the completion marker.
 """
 from __future__ import annotations
 
 import json
-import queue
-import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -28,15 +29,22 @@ from storage.atomic import (
     write_json,
     write_text,
 )
-from storage.errors import CacheError, FingerprintMismatchError, ForeignDirectoryError, ManifestError
+from storage.errors import (
+    DamagedRecordError,
+    FingerprintMismatchError,
+    ForeignDirectoryError,
+    ManifestError,
+)
 from storage.locks import DirectoryLock
 from storage.manifest import (
     MANIFEST_NAME,
     Manifest,
     ShardRecord,
     read_manifest,
+    seal_is_broken,
     shard_bytes,
     shard_sha256,
+    with_seal,
     write_manifest,
 )
 
@@ -44,6 +52,7 @@ IDENTITY_NAME = "fingerprint.json"
 CONFIG_NAME = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
 DONE_SUFFIX = ".done.json"
+DONE_SEAL = "record_sha256"
 TOKENS_DIR = "tokens"
 """Where the token store of the packed data lives; it may precede the claim, so ``claim`` accepts it."""
 
@@ -138,18 +147,50 @@ class CacheDirectory:
         write_text(self.path / CONFIG_NAME, config_yaml)
 
     def done_record(self, plan: ShardPlan) -> ShardRecord | None:
-        """The record of a complete shard, or None when the shard must be (re)written."""
+        """The record of a complete shard, or None when the shard was never finished.
+
+        Raises ``DamagedRecordError`` naming the record when one exists but cannot be trusted.
+        """
         path = self.path / plan.name
         record_path = done_record_path(path)
-        if not (record_path.is_file() and path.exists()):
-            return None
+        if not record_path.is_file():
+            return None  # the run died before the record was written: the shard (if any) is written again
         try:
             record = _read_json(record_path)
         except ManifestError:
-            return None  # a torn record from a killed writer: rewrite the shard
-        if record.get("fingerprint") != self.fingerprint or shard_sha256(path) != record.get("sha256"):
-            return None
+            raise DamagedRecordError(f"done record {record_path} is not valid JSON") from None
+        problem = self._record_problem(record, plan, path)
+        if problem:
+            raise DamagedRecordError(f"done record {record_path} {problem}")
         return ShardRecord(**{k: record[k] for k in ("path", "split", "sequences", "tokens", "bytes", "sha256")})
+
+    def _record_problem(self, record, plan: ShardPlan, path: Path) -> str | None:
+        """Why a parsed done record cannot be trusted, or None."""
+        if not isinstance(record, dict) or seal_is_broken(record, DONE_SEAL):
+            return f"does not match its {DONE_SEAL}: it was edited or damaged"
+        if record.get("fingerprint") != self.fingerprint:
+            return f"belongs to fingerprint {record.get('fingerprint')}, not {self.fingerprint}"
+        expected = {"path": plan.name, "split": plan.split, "sequences": plan.count, "plan": asdict(plan)}
+        wrong = sorted(k for k, v in expected.items() if record.get(k) != v)
+        if wrong or not isinstance(record.get("tokens"), int):
+            return f"does not describe shard {plan.name} as planned ({', '.join(wrong) or 'tokens'})"
+        if not path.exists():
+            return f"lists {path}, which is missing"
+        if record.get("bytes") != shard_bytes(path) or record.get("sha256") != shard_sha256(path):
+            return f"does not match the size or sha256 of {path}"
+        return None
+
+    def unfinished(self, plans: list[ShardPlan]) -> tuple[list[ShardPlan], list[str]]:
+        """The shards of ``plans`` to (re)write, and one message per done record among them that was not trusted."""
+        todo, damaged = [], []
+        for plan in plans:
+            try:
+                if self.done_record(plan) is not None:
+                    continue
+            except DamagedRecordError as exc:
+                damaged.append(str(exc))
+            todo.append(plan)
+        return todo, damaged
 
     def discard(self, plan: ShardPlan) -> None:
         """Remove a partial or invalid shard, its record and any temporaries of killed writers."""
@@ -176,7 +217,7 @@ class CacheDirectory:
     def mark_done(self, plan: ShardPlan, record: ShardRecord) -> None:
         """Write the shard's done record: from now on resumes keep it and the manifest lists it."""
         path = done_record_path(self.path / plan.name)
-        write_json(path, {**asdict(record), "fingerprint": self.fingerprint, "plan": asdict(plan)})
+        write_json(path, with_seal({**asdict(record), "fingerprint": self.fingerprint, "plan": asdict(plan)}, DONE_SEAL))
 
     def part_lock(self, part: int, parts: int, on_wait: Callable[[str], None]) -> DirectoryLock:
         """Hold part ``part`` of ``parts``: a second process started on the same part waits (``on_wait`` is told
@@ -196,8 +237,8 @@ class CacheDirectory:
         for plan in plans:
             record = self.done_record(plan)
             if record is None:
-                raise ManifestError(f"shard {self.path / plan.name} is missing or corrupt; "
-                                    "rerun `distillery cache` to rebuild it")
+                raise ManifestError(f"shard {self.path / plan.name} has no done record; "
+                                    "rerun `distillery cache` to write it")
             shards.append(record)
         with atomic_write(self.path / TOKENIZER_DIR) as tmp:
             save_tokenizer(tmp)
@@ -210,48 +251,3 @@ class CacheDirectory:
         manifest = replace(header, fingerprint=self.fingerprint, tokenizer_dir=TOKENIZER_DIR, splits=splits,
                            shards=shards)
         return write_manifest(self.path, manifest)
-
-
-class BackgroundShardWriter:
-    """Writes submitted shards on ``threads`` worker threads; at most ``depth`` more wait in memory.
-
-    Shards are independent files with their own done records, so they may
-    finish in any order. Compression and hashing release the GIL, which lets
-    several threads keep up with a fast GPU teacher.
-    """
-
-    def __init__(self, cache: CacheDirectory, shard_format, level: int, depth: int = 2, threads: int = 1):
-        self.cache, self.format, self.level = cache, shard_format, level
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._threads = [threading.Thread(target=self._run, name=f"shard-writer-{i}", daemon=True)
-                         for i in range(threads)]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, plan: ShardPlan, arrays: dict[str, np.ndarray]) -> None:
-        self._raise_if_failed()
-        self._queue.put((plan, arrays))
-
-    def close(self) -> None:
-        """Wait for every submitted shard to be on disk; re-raise a writer error."""
-        for _ in self._threads:
-            self._queue.put(None)
-        for thread in self._threads:
-            thread.join()
-        self._raise_if_failed()
-
-    def _raise_if_failed(self) -> None:
-        if isinstance(self._error, CacheError):  # a full disk, say: the user's problem, told in one line
-            raise self._error
-        if self._error is not None:
-            raise RuntimeError(f"writing a shard to {self.cache.path} failed: {self._error}") from self._error
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    plan, arrays = item
-                    self.cache.write_shard(plan, self.format, arrays, self.level)
-                except BaseException as exc:  # surfaced to the producer by submit/close
-                    self._error = exc

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from pipeline.cache.config import CacheJob
 from pipeline.cache.run import CacheResult, run_cache
 from pipeline.config_loading import load_config
@@ -50,3 +52,20 @@ def train(args: list[str]) -> Path:
     from pipeline.train.run import train_from_cache
 
     return train_from_cache(load_config(TrainJob, None, args))
+
+
+def train_interrupted_at(step: int, args: list[str], monkeypatch) -> None:
+    """Run ``train(args)`` and interrupt it as its metrics record for ``step`` is written (after that step)."""
+    from pipeline.train import recipe
+
+    original = recipe.MetricsLog.write
+
+    def crash(self, record):
+        if record["step"] == step:
+            raise KeyboardInterrupt("preempted")
+        original(self, record)
+
+    monkeypatch.setattr(recipe.MetricsLog, "write", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(args)
+    monkeypatch.setattr(recipe.MetricsLog, "write", original)

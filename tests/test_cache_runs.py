@@ -35,6 +35,7 @@ def test_exact_output_files(reference):
     shards = [s.path for s in manifest.shards]
     assert shards[0] == "train-00000.arrow" and manifest.shards_for("eval")[0].path == "eval-00000.arrow"
     expected = {"manifest.json", "fingerprint.json", "config.yaml", "tokenizer", "tokens"}
+    expected |= {".manifest.lock", ".part-0-of-1.lock"}  # flock files: two writers of one part or one manifest wait
     expected |= {p for s in shards for p in (s, s + ".done.json")}
     assert {p.name for p in reference.iterdir()} == expected
     assert manifest.splits["train"]["sequences"] + manifest.splits["eval"]["sequences"] == sum(

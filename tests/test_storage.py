@@ -118,7 +118,8 @@ def test_partition_rejects_out_of_range_indices():
 
 
 def test_threaded_writer_writes_the_same_shards_as_one_thread(tmp_path):
-    from storage.writer import BackgroundShardWriter, CacheDirectory, ShardPlan
+    from storage.shard_writer import BackgroundShardWriter
+    from storage.writer import CacheDirectory, ShardPlan
 
     hashes = []
     for threads in (1, 3):

@@ -7,14 +7,13 @@ import math
 import pytest
 import torch
 import yaml
-from helpers import STUDENT, cache, cache_args, train, train_args
+from helpers import STUDENT, cache, cache_args, train, train_args, train_interrupted_at
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.demo.init_model import build_model
 from pipeline.demo.tokenizer import build_tokenizer
 from pipeline.errors import ConfigError
-from pipeline.train import recipe as train_module
 from pipeline.train.config import StudentConfig
 from pipeline.train.student import build_student
 from storage.manifest import read_manifest
@@ -48,21 +47,6 @@ def start_of_training(cache_dir, student_config=STUDENT):
     student = build_student(config, manifest.vocab_size, tokenizer).eval()
     batch = next(iter(SoftTargetStream(cache_dir, StreamOrder(batch_size=4, seed=0))))
     return student, batch, manifest.tokenizer_length
-
-
-def train_interrupted_at(step: int, args: list[str], monkeypatch) -> None:
-    """Run ``train(args)`` and interrupt it as its metrics record for ``step`` is written (after that step)."""
-    original = train_module.MetricsLog.write
-
-    def crash(self, record):
-        if record["step"] == step:
-            raise KeyboardInterrupt("preempted")
-        original(self, record)
-
-    monkeypatch.setattr(train_module.MetricsLog, "write", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(args)
-    monkeypatch.setattr(train_module.MetricsLog, "write", original)
 
 
 def masked_mean(values, mask):

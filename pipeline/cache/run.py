@@ -79,7 +79,9 @@ def _write_part(job: CacheJob, plan, part: int, parts: int, writer: bool) -> int
     """Write the shards of this part that have no valid done record; return how many this process wrote."""
     cache = plan.cache
     mine = [plan.shards[i] for i in shards_of_part(len(plan.shards), part, parts)]
-    todo = [s for s in mine if cache.done_record(s) is None]
+    todo, damaged = cache.unfinished(mine)
+    for problem in damaged:
+        log.warning(f"{problem}; not trusted: the shard is written again")
     if writer:
         for shard in todo:
             cache.discard(shard)

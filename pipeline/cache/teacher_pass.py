@@ -18,7 +18,8 @@ from pipeline.errors import TeacherError
 from pipeline.hf import LogitHead, check_logit_head, hidden_states, input_device, load_model
 from pipeline.log import progress_bars
 from storage.formats import get_format
-from storage.writer import BackgroundShardWriter, ShardPlan
+from storage.shard_writer import BackgroundShardWriter
+from storage.writer import ShardPlan
 
 SPLIT_IDS = {"train": 0, "eval": 1}
 

@@ -3,10 +3,11 @@
 ``<cache dir or root>/tokens/<data fingerprint>/`` holds ``train.arrow``
 (and ``eval.arrow``), written row by row as documents are packed, and
 ``index.json``, written last and atomically: row counts, documents read,
-per-file sha256, the largest id and the content hash. The fingerprint hashes
+per-file sha256, the largest id and the content hash, sealed by
+``index_sha256`` (``storage.manifest.with_seal``). The fingerprint hashes
 the data config, the tokenizer and the size and mtime of local data files, so
-it is known before anything is tokenized. A folder without a valid index, or
-whose files fail their sizes or sha256, is rebuilt. Parts that find no valid
+it is known before anything is tokenized. A folder without a valid index (or
+one whose seal fails), or whose files fail their sizes or sha256, is rebuilt. Parts that find no valid
 store take an flock; the first builds it, the others wait and then read it.
 """
 from __future__ import annotations
@@ -25,10 +26,12 @@ from pipeline.data.sources import split_names
 from pipeline.log import get_logger
 from storage.atomic import atomic_write, remove_path, write_json
 from storage.locks import DirectoryLock
+from storage.manifest import file_sha256, seal_is_broken, with_seal
 from storage.writer import TOKENS_DIR
 
 STORE_VERSION = 1
 INDEX_NAME = "index.json"
+INDEX_SEAL = "index_sha256"
 log = get_logger("data")
 
 
@@ -62,27 +65,30 @@ def data_fingerprint(cfg: DataConfig, tokenizer_sha256: str) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:  # plain reads: hashing leaves no mapped pages in this process
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+def _read_index(path: Path, fingerprint: str) -> dict:
+    """The index of the store being opened, or ``CorruptRowsError`` naming ``path``."""
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CorruptRowsError(f"{path} is missing or not valid JSON ({exc})") from None
+    if not isinstance(index, dict) or seal_is_broken(index, INDEX_SEAL):
+        raise CorruptRowsError(f"{path} does not match its {INDEX_SEAL}: it was edited or damaged")
+    if index.get("fingerprint") != fingerprint or index.get("version") != STORE_VERSION:
+        raise CorruptRowsError(f"{path} belongs to another store")
+    return index
 
 
 def _open(folder: Path, fingerprint: str, seq_len: int) -> TokenStore:
     """The store in ``folder``, checked against its index; raises ``CorruptRowsError`` naming the problem."""
-    try:
-        index = json.loads((folder / INDEX_NAME).read_text())
-    except (OSError, ValueError) as exc:
-        raise CorruptRowsError(f"no readable {INDEX_NAME} ({exc})") from None
-    if index.get("fingerprint") != fingerprint or index.get("version") != STORE_VERSION:
-        raise CorruptRowsError(f"{INDEX_NAME} belongs to another store")
+    index = _read_index(folder / INDEX_NAME, fingerprint)
     splits = {}
     for name, entry in index["splits"].items():
         path = folder / entry["file"]
-        if not path.is_file() or path.stat().st_size != entry["bytes"] or _file_sha256(path) != entry["sha256"]:
-            raise CorruptRowsError(f"{path.name} is missing, truncated or does not match its sha256")
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
+            raise CorruptRowsError(f"{path} is missing, truncated or does not match its sha256 in {INDEX_NAME}")
         ids, mask = read_rows(path, seq_len)
         if len(ids) != entry["rows"]:
-            raise CorruptRowsError(f"{path.name} has {len(ids)} rows, its index says {entry['rows']}")
+            raise CorruptRowsError(f"{path} has {len(ids)} rows, {INDEX_NAME} says {entry['rows']}")
         splits[name] = PackedSplit(ids, mask, entry["documents"])
     return TokenStore(folder, splits, index["sha256"], index["max_id"])
 
@@ -102,10 +108,10 @@ def _build(folder: Path, fingerprint: str, cfg: DataConfig, tokenizer) -> None:
                 writer.close()
     splits = {name: {"file": f"{name}.arrow", "rows": packer.rows, "documents": packer.documents,
                      "bytes": (folder / f"{name}.arrow").stat().st_size,
-                     "sha256": _file_sha256(folder / f"{name}.arrow")} for name, packer in packers.items()}
-    write_json(folder / INDEX_NAME, {"version": STORE_VERSION, "fingerprint": fingerprint, "seq_len": cfg.seq_len,
-                                     "sha256": content_sha256(packers),
-                                     "max_id": max(p.max_id for p in packers.values()), "splits": splits})
+                     "sha256": file_sha256(folder / f"{name}.arrow")} for name, packer in packers.items()}
+    index = {"version": STORE_VERSION, "fingerprint": fingerprint, "seq_len": cfg.seq_len,
+             "sha256": content_sha256(packers), "max_id": max(p.max_id for p in packers.values()), "splits": splits}
+    write_json(folder / INDEX_NAME, with_seal(index, INDEX_SEAL))
     log.info(f"token store {folder}: " + ", ".join(f"{n} {s['rows']} rows from {s['documents']} documents"
                                                    for n, s in splits.items()))
 
@@ -118,7 +124,7 @@ def _try_open(folder: Path, fingerprint: str, seq_len: int, locked: bool) -> Tok
         return _open(folder, fingerprint, seq_len)
     except CorruptRowsError as exc:
         if locked:
-            log.warning(f"token store {folder} is incomplete or corrupt ({exc}); rebuilding it")
+            log.warning(f"token store is incomplete or damaged: {exc}; rebuilding {folder}")
         return None
 
 

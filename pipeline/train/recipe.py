@@ -21,12 +21,12 @@ from pipeline import preempt
 from pipeline.dist import all_reduce_sum, any_rank, barrier, init_process_group, world
 from pipeline.hf import LogitHead, load_model, resolve_device
 from pipeline.log import get_logger, progress_bars
-from pipeline.train.checkpoint import checkpoint_dirs, load_checkpoint, read_state, restore_rng, save_checkpoint
+from pipeline.train.checkpoint import restore_rng, save_checkpoint
 from pipeline.train.config import LiveTeacherConfig, Phase, StudentConfig, TrainConfig
 from pipeline.train.evaluate import evaluate
 from pipeline.train.metrics import DataWait, MetricsLog, chain_samples
 from pipeline.train.parallel import full_state_dict, gradient_scale, gradient_sync, resolve_strategy, wrap
-from pipeline.train.resume import check_resumable, result_settings
+from pipeline.train.resume import result_settings, resume_checkpoint
 from pipeline.train.schedule import lr_at, phase_at
 from pipeline.train.sources import BatchSource
 from pipeline.train.step import LossFacts, combine, micro_batch_sums, token_counts
@@ -72,12 +72,14 @@ class TrainingRecipe:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_at(s, self.phases, self.cfg.warmup_steps, self.cfg.min_lr_ratio))
         self.step, self.tokens, self.samples_sha256 = 0, 0, ""
-        found = checkpoint_dirs(self.out / "checkpoints") if self.cfg.resume == "auto" else []
+        found = None
+        if self.cfg.resume == "auto":
+            found = resume_checkpoint(self.out / "checkpoints", self.order, result_settings(self.config_yaml),
+                                      self.model, self.optimizer, self.scheduler, self.world)
         if found:
-            check_resumable(found[-1], read_state(found[-1]), self.order, result_settings(self.config_yaml))
-            state = load_checkpoint(found[-1], self.model, self.optimizer, self.scheduler)
+            state = found.state
             self.step, self.tokens, self.samples_sha256 = state["step"], state["tokens"], state["samples_sha256"]
-            log.info(f"resumed from {found[-1]} at step {self.step} ({state['world_size']} -> {self.world.size} ranks)")
+            log.info(f"resumed from {found.path} at step {self.step} ({state['world_size']} -> {self.world.size} ranks)")
         if self.world.is_main:  # only now: a refused job must not leave its config beside another run's checkpoints
             write_text(self.out / "config.yaml", self.config_yaml)
         if self.complete:
@@ -89,7 +91,7 @@ class TrainingRecipe:
                                       key="loss.teacher_live") for path in paths}
         self.stream = self.source.stream(StreamState(self.step * self.order.global_batch))
         if found:
-            restore_rng(found[-1])
+            restore_rng(found)
         self.wait = DataWait()
 
     def _lock_out_dir(self) -> None:

@@ -1,5 +1,8 @@
-"""Whether a checkpoint may be resumed by this job: the same global batch and the same result-changing settings.
+"""Which checkpoint this job resumes from: the newest undamaged one, with the same global batch and settings.
 
+A damaged checkpoint (a file that fails the size or sha256 in its
+``state.json``, a ``state.json`` that fails its seal, a file that does not
+load) is never used: the next older one is tried, and the warning names both.
 A checkpoint records the settings it was trained with. Keys that only change
 how a run is observed or spread (logging, evaluation and checkpoint cadence,
 DataLoader workers, device, strategy, and the split of the global batch into
@@ -13,8 +16,15 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.errors import ConfigError
+from pipeline.dist import World, any_rank
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.log import get_logger
+from pipeline.train.checkpoint import Checkpoint, checkpoint_dirs, load_checkpoint, open_checkpoint
+from storage.atomic import remove_path
 from storage.stream import StreamOrder
+
+DAMAGED_SUFFIX = ".damaged"
+log = get_logger("train")
 
 FREE_ON_RESUME = {"train.log_every", "train.eval_every", "train.eval_batches", "train.num_workers", "train.strategy",
                   "train.batch_size", "train.grad_accum", "train.checkpoint_every", "train.keep_checkpoints",
@@ -55,3 +65,49 @@ def check_resumable(path: Path, state: dict, order: StreamOrder, settings: dict[
             f"is {order.global_batch} (batch_size {order.batch_size} x world size {order.world_size} x grad_accum "
             f"{order.grad_accum}); keep the product equal, e.g. grad_accum="
             f"{state['global_batch'] / (order.batch_size * order.world_size):g}, or train into a new train.out_dir")
+
+
+def _open_on_every_rank(path: Path, here: World) -> Checkpoint:
+    """``open_checkpoint`` on every rank (rank 0 hashes the files), or ``CheckpointError`` on every rank."""
+    try:
+        checkpoint, problem = open_checkpoint(path, hash_files=here.is_main), None
+    except CheckpointError as exc:
+        checkpoint, problem = None, exc
+    if any_rank(problem is not None, here):
+        raise problem or CheckpointError(f"checkpoint {path} could not be opened on another rank")
+    return checkpoint
+
+
+def _set_aside(damaged: list[Path], here: World) -> None:
+    """Rename damaged checkpoints out of the step-NNNNNNNN names, so that pruning never keeps them over good ones."""
+    if here.is_main:
+        for path in damaged:
+            aside = path.with_name(path.name + DAMAGED_SUFFIX)
+            remove_path(aside)
+            path.rename(aside)
+
+
+def resume_checkpoint(root: Path, order: StreamOrder, settings: dict[str, str], model, optimizer, scheduler,
+                      here: World) -> Checkpoint | None:
+    """Load the newest usable checkpoint under ``root`` into the model, optimizer and schedule and return it; None
+    when there is none. Damaged ones are skipped with a warning (and renamed ``*.damaged``); when every one is
+    damaged, ``CheckpointError`` names them all. A checkpoint of other settings is refused, never skipped."""
+    candidates = checkpoint_dirs(root)[::-1]
+    problems = []
+    for index, path in enumerate(candidates):
+        try:
+            checkpoint = _open_on_every_rank(path, here)
+            check_resumable(path, checkpoint.state, order, settings)
+            load_checkpoint(checkpoint, model, optimizer, scheduler)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        for problem, damaged in zip(problems, candidates[:index], strict=True):
+            log.warning(f"{problem}; falling back to the previous complete checkpoint {path} (this one is kept as "
+                        f"{damaged.name}{DAMAGED_SUFFIX})")
+        _set_aside(candidates[:index], here)
+        return checkpoint
+    if problems:
+        raise CheckpointError(f"no usable checkpoint in {root}: {'; '.join(problems)}; set train.resume=never to "
+                              "start over, or train into a new train.out_dir")
+    return None

@@ -16,10 +16,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data.pack import PackedSplit
+from pipeline.dist import world
 from pipeline.errors import DataError
 from pipeline.log import get_logger
-from storage.errors import CacheError
-from storage.manifest import Manifest, read_manifest
+from storage.errors import CacheError, ChecksumError
+from storage.manifest import Manifest, ShardRecord, read_manifest
 from storage.reader import SoftTargetStream, sequential_batches, to_tensors
 from storage.stream import StreamOrder, StreamState, iterate_batches
 
@@ -51,6 +52,18 @@ class ArrayRows:
         return {name: array[samples] for name, array in self.arrays.items()}
 
 
+def _check_shards(manifest: Manifest, records: list[ShardRecord]) -> None:
+    """Hash this rank's share of ``records`` before the first step, so that a damaged cache never trains, not
+    even for the steps before the reader reaches the damaged shard. A rank that fails exits, and torchrun then
+    stops the others; the reader still checks each shard when it opens it, for damage during a long run."""
+    here = world()
+    problems = manifest.verify(records[here.rank :: here.size])
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ChecksumError(f"cache {manifest.directory} is damaged: {problems[0]}{more}; nothing was trained: run "
+                            f"`distillery verify {manifest.directory}` and rebuild the cache")
+
+
 def _manifest(key: str, directory: str) -> Manifest:
     """The manifest of the cache that the setting ``key`` names; its errors name the key."""
     try:
@@ -73,7 +86,12 @@ def cache_source(cache_dir: str, eval_dir: str | None, order: StreamOrder, verif
 
     SoftTargetStream(cache_dir, order, verify=False)  # fails early when the global batch exceeds the split
     held_out = eval_dir or cache_dir
-    has_eval = bool(_manifest("cache.eval_dir" if eval_dir else "cache.dir", held_out).shards_for("eval"))
+    held_out_manifest = _manifest("cache.eval_dir" if eval_dir else "cache.dir", held_out)
+    if verify:
+        _check_shards(manifest, manifest.shards_for("train") if eval_dir else manifest.shards)
+        if eval_dir:
+            _check_shards(held_out_manifest, held_out_manifest.shards_for("eval"))
+    has_eval = bool(held_out_manifest.shards_for("eval"))
     if not has_eval:
         log.warning(f"{held_out} has no eval shards; evaluation is skipped")
     return BatchSource(

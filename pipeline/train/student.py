@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError, TeacherError
-from pipeline.hf import tokenizer_sha256
+from pipeline.hf import load_failure, tokenizer_sha256
 from pipeline.train.config import StudentConfig
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")
@@ -51,7 +51,7 @@ def build_student(cfg: StudentConfig, cache_vocab: int, tokenizer) -> nn.Module:
             own = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         except (OSError, ValueError) as exc:
-            raise TeacherError(f"student model {path!r} could not be loaded: {exc}") from exc
+            raise TeacherError(f"student model {path!r} could not be loaded: {load_failure(exc)}") from exc
         if tokenizer_sha256(own) != tokenizer_sha256(tokenizer):
             raise ConfigError(
                 f"the tokenizer of student {path!r} (sha256 {tokenizer_sha256(own)[:12]}) differs from the cache's "
