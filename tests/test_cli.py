@@ -61,3 +61,26 @@ def test_errors_exit_2_with_one_line(tmp_path, capfd):
     assert cli.main(["-q", "verify", str(tmp_path)]) == 2
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and "no manifest.json in" in err
+
+
+def test_the_script_catches_preemption_from_the_start_and_ignores_it_once_done(tmp_path):
+    """``distillery`` installs its handlers before importing the CLI, and ignores SIGTERM / SIGUSR1 after the work:
+    Python restores the default action (terminate) for handled signals at shutdown, so a late signal would
+    otherwise turn a finished job's exit status into a death by signal."""
+    import subprocess
+    import sys
+
+    script = ("import signal, sys\n"
+              "import pipeline.__main__ as entry\n"
+              "real = entry.preempt.install\n"
+              "def install():\n"
+              "    real()\n"
+              "    print('handlers before the CLI:', 'pipeline.cli' not in sys.modules)\n"
+              "entry.preempt.install = install\n"
+              "sys.argv = ['distillery', 'verify', sys.argv[1]]\n"
+              "code = entry.main()\n"
+              "print('ignored after:', all(signal.getsignal(s) is signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGUSR1)))\n"
+              "sys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "missing")], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "handlers before the CLI: True" in done.stdout and "ignored after: True" in done.stdout
