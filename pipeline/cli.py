@@ -56,6 +56,7 @@ def _pretrain(args) -> int:
 
 
 def _run(args) -> int:
+    from pipeline import preempt
     from pipeline.config_loading import load_config
     from pipeline.dist import world
     from pipeline.rounds.config import RunJob
@@ -64,6 +65,8 @@ def _run(args) -> int:
 
     job = load_config(RunJob, args.config, args.overrides)
     run_dir = run_pipeline(job, args.round, args.stage, args.num_shards, args.shard_index)
+    if preempt.requested():  # the report is one more safe point: the rerun writes it
+        raise preempt.Preempted("every stage is complete; stopped before the report (rerun to write it)")
     if args.round is None and args.stage is None and world().is_main:
         report = build_report(run_dir)
         print(report.read_text())

@@ -60,6 +60,21 @@ def seal_is_broken(record: dict, key: str) -> bool:
     return record[key] != _content_sha256({k: v for k, v in record.items() if k != key})
 
 
+def read_sealed(path: Path, key: str, error: type[Exception]) -> dict:
+    """The JSON object in ``path`` after checking its seal under ``key``; else ``error`` naming the file."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise error(f"{path} is missing or not valid JSON ({_first_line(exc)})") from None
+    if not isinstance(record, dict) or seal_is_broken(record, key):
+        raise error(f"{path} does not match its {key}: it was edited or damaged")
+    return record
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 def _update_with_file(digest, path: Path) -> None:
     with open(path, "rb") as handle:
         while block := handle.read(_BLOCK):

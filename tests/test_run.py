@@ -179,6 +179,20 @@ def test_signal_mid_train_then_resume_gives_the_same_result(first_run, tmp_path,
     assert finals_equal(run / "round-2" / "train" / "final", root / "run" / "round-2" / "train" / "final")
 
 
+def test_a_signal_after_the_last_stage_stops_before_the_report(first_run, tmp_path):
+    root, config = first_run
+    cfg = same_config_in(config, tmp_path / "late")
+    assert cli.main(["run", "--config", str(cfg)]) == 0
+    (tmp_path / "late" / "report.md").unlink()
+    preempt._requested.set()  # as the handler does when the signal comes during the last stage
+    try:
+        assert cli.main(["run", "--config", str(cfg)]) == preempt.PREEMPTED_EXIT
+    finally:
+        preempt.clear()
+    assert not (tmp_path / "late" / "report.md").exists()
+    assert cli.main(["run", "--config", str(cfg)]) == 0 and (tmp_path / "late" / "report.md").is_file()
+
+
 def test_stage_one_stops_on_a_real_signal_and_resumes(tmp_path, llama_dir, corpus_jsonl):
     """A separate `distillery cache` process signals itself after its first shard, exits 75, then resumes."""
     from helpers import cache, cache_args

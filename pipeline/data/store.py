@@ -26,7 +26,7 @@ from pipeline.data.sources import split_names
 from pipeline.log import get_logger
 from storage.atomic import atomic_write, remove_path, write_json
 from storage.locks import DirectoryLock
-from storage.manifest import file_sha256, seal_is_broken, with_seal
+from storage.manifest import file_sha256, read_sealed, with_seal
 from storage.writer import TOKENS_DIR
 
 STORE_VERSION = 1
@@ -67,12 +67,7 @@ def data_fingerprint(cfg: DataConfig, tokenizer_sha256: str) -> str:
 
 def _read_index(path: Path, fingerprint: str) -> dict:
     """The index of the store being opened, or ``CorruptRowsError`` naming ``path``."""
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CorruptRowsError(f"{path} is missing or not valid JSON ({exc})") from None
-    if not isinstance(index, dict) or seal_is_broken(index, INDEX_SEAL):
-        raise CorruptRowsError(f"{path} does not match its {INDEX_SEAL}: it was edited or damaged")
+    index = read_sealed(path, INDEX_SEAL, CorruptRowsError)
     if index.get("fingerprint") != fingerprint or index.get("version") != STORE_VERSION:
         raise CorruptRowsError(f"{path} belongs to another store")
     return index

@@ -24,7 +24,7 @@ import torch
 from pipeline.dist import World, barrier, broadcast_text
 from pipeline.errors import CheckpointError
 from storage.atomic import atomic_write, remove_path
-from storage.manifest import file_sha256, seal_is_broken, with_seal
+from storage.manifest import file_sha256, read_sealed, with_seal
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_NAME, STATE_SEAL = "state.json", "state_sha256"
@@ -127,14 +127,7 @@ def _reason(exc: BaseException) -> str:
 
 def read_state(path: Path) -> dict:
     """``state.json`` of the checkpoint ``path``, or ``CheckpointError`` when it is missing, torn or edited."""
-    file = path / STATE_NAME
-    try:
-        state = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{file} is missing or not valid JSON ({_reason(exc)})") from None
-    if not isinstance(state, dict) or seal_is_broken(state, STATE_SEAL):
-        raise CheckpointError(f"{file} does not match its {STATE_SEAL}: it was edited or damaged")
-    return state
+    return read_sealed(path / STATE_NAME, STATE_SEAL, CheckpointError)
 
 
 def _check_files(path: Path, state: dict) -> None:

@@ -17,7 +17,7 @@ from jobs import cache_overrides, distillery, run_command, timed, train_override
 
 # Interruptions per sweep, by scale.
 SCALES = {
-    "fast": {"cache": 2, "train": 3, "run": 2, "signals": 1},
+    "fast": {"cache": 2, "train": 3, "run": 3, "signals": 1},
     "full": {"cache": 20, "train": 20, "run": 10, "signals": 5},
 }
 
