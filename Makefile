@@ -36,7 +36,7 @@ demo: demo-teacher
 bench: demo-teacher
 	$(BIN)/distillery bench --out bench-results --teacher $(DEMO)/teacher/final
 
-# Random kills and preemption signals for every stage, disk full and concurrent jobs: about 20 min on 2 cores.
+# Random kills and preemption signals for every stage, disk full and concurrent jobs: 10 min on 2 cores.
 # `make test` runs a fast subset of the same sweeps.
 chaos: install
 	CHAOS_SCALE=full CHAOS_RESULTS=chaos-results $(BIN)/python -m pytest -q tests/chaos
