@@ -47,3 +47,7 @@ class ShardSchemaError(CacheError, ValueError):
 
 class NoSpaceError(CacheError, OSError):
     """The disk (or quota) of an output directory is full."""
+
+
+class RemoteStorageError(CacheError, OSError):
+    """An object store refused or failed a request after its retries; the message names the URL."""
