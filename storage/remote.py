@@ -71,8 +71,9 @@ def _s3_upload(fs, path: str, local: Path, size: int) -> str | None:
     report: the object's, or the composite of the parts' digests."""
     bucket, key = _bucket_key(path)
     if size <= PART_BYTES:
-        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=local.read_bytes(), ChecksumAlgorithm="SHA256")
-        return _b64(hashlib.sha256(local.read_bytes()).digest())
+        body = local.read_bytes()
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, ChecksumAlgorithm="SHA256")
+        return _b64(hashlib.sha256(body).digest())
     upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key, ChecksumAlgorithm="SHA256")
     parts, digests = [], []
     try:

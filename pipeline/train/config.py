@@ -17,7 +17,7 @@ class SourceConfig:
     """Cache whose ``eval`` shards score the student; defaults to ``dir``. A top-k cache of the same teacher
     and data gives exact KL figures when training on a sample cache."""
     verify: bool = True
-    """Verify every shard's sha256 before the first step, and each shard again when it is first opened."""
+    """Verify every shard's sha256 once, before the first step (each rank hashes its share)."""
     shuffle_buffer: int = 1024
     """Sequences shuffled together; the reader holds only the shards one buffer touches."""
 

@@ -80,8 +80,10 @@ def cache_source(cache_dir: str, eval_dir: str | None, order: StreamOrder, verif
     manifest = _manifest("cache.dir", cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(Path(cache_dir) / manifest.tokenizer_dir))
 
+    # With ``verify``, every shard is hashed once below, before the first step; the readers do not hash again
+    # (they would at every resume, and eval would at every evaluation).
     def stream(start: StreamState) -> Iterator[Batch]:
-        dataset = SoftTargetStream(cache_dir, order, start=start, verify=verify)
+        dataset = SoftTargetStream(cache_dir, order, start=start, verify=False)
         return iter(DataLoader(dataset, batch_size=None, num_workers=num_workers))
 
     SoftTargetStream(cache_dir, order, verify=False)  # fails early when the global batch exceeds the split
@@ -96,7 +98,7 @@ def cache_source(cache_dir: str, eval_dir: str | None, order: StreamOrder, verif
         log.warning(f"{held_out} has no eval shards; evaluation is skipped")
     return BatchSource(
         stream=stream,
-        eval_batches=(lambda: sequential_batches(held_out, "eval", order.batch_size, verify)) if has_eval else None,
+        eval_batches=(lambda: sequential_batches(held_out, "eval", order.batch_size, False)) if has_eval else None,
         tokenizer=tokenizer,
         vocab_size=manifest.vocab_size,
         real_vocab=manifest.tokenizer_length,
