@@ -1,0 +1,292 @@
+"""A local copy of remote shards within a byte budget, shared by every process on a node that uses one directory.
+
+Entries are content addressed, ``<sha256><suffix>``, so two jobs (or two torchrun ranks) reading one shard share
+one copy, and an entry never needs to be checked again: it is only ever moved into place whole, after its bytes
+were hashed. All coordination is ``flock`` on files under ``.locks/``. The kernel drops a lock when its holder
+dies, however it dies, so no lock is ever stale; and two threads of one process conflict as two processes do,
+because each takes its lock through a handle of its own.
+
+- ``.locks/<sha256>.lock``: exclusive while its entry is downloaded (the file then holds the bytes the download
+  will take) or deleted; shared while a process uses the entry: the shard it fetched last (which its reader is
+  about to open) and those it prefetched and has not fetched yet. Nothing deletes an entry someone holds.
+- ``.locks/evict.lock``: held while choosing what to delete, so two downloads never count the same free bytes.
+
+The budget holds for the entries present plus the downloads in flight, except that entries in use are never
+deleted: when they leave no room, ``fetch`` goes over the budget by at most those entries (``prefetch`` stops
+instead). Deleting a file that another process has open or memory-mapped is safe on Linux: it keeps the bytes
+until it closes the file. Only regular files are cached, not directory shards.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import threading
+import time
+from pathlib import Path, PurePosixPath
+
+from storage import remote
+from storage.atomic import TMP_MARKER, remove_path
+from storage.errors import CacheError, ManifestError
+from storage.locks import DirectoryLock
+
+DEFAULT_BYTES = 20 * 10**9
+LOCKS = ".locks"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_RETRY_SECONDS = 0.01
+_EX_NB = fcntl.LOCK_EX | fcntl.LOCK_NB
+log = logging.getLogger(__name__)
+
+
+class ShardCacheFullError(CacheError, ValueError):
+    """One shard alone is larger than the budget of the local shard cache."""
+
+
+def _lock(path: Path, mode: int):
+    """An open handle holding ``flock(mode)`` on ``path``; None when ``mode`` has LOCK_NB and the lock is taken.
+
+    A lock file is deleted only by a holder of its exclusive lock, so a lock won on a file that is no longer at
+    ``path`` guards nothing: it is dropped and taken again on the file that is there now."""
+    while True:
+        handle = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, mode)
+        except BlockingIOError:
+            handle.close()
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        handle.close()
+
+
+def _release(handle) -> None:
+    """Unlock, then close: closing alone would leave the lock held while a forked child has the descriptor."""
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    handle.close()
+
+
+def _reserved(path: Path) -> int:
+    """The bytes a download in flight wrote into its lock file; 0 while it has not yet written them."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(path.read_text() or 0)
+    return 0
+
+
+class ShardCache:
+    """Local copies of remote shards under `directory`, at most `budget` bytes of them."""
+
+    def __init__(self, directory: Path, budget: int = DEFAULT_BYTES):
+        self.directory = Path(directory)
+        self.budget = budget
+        self._pid = None  # threads, locks and handles are made on first use in each process (see _local)
+
+    def __getstate__(self) -> dict:
+        """Only the settings travel: the copy, in a DataLoader worker say, makes its own threads and locks."""
+        return {"directory": self.directory, "budget": self.budget}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def _local(self) -> threading.Lock:
+        """This process's state, made on first use, and again in a forked child: that must not use the thread,
+        mutex or lock handles it inherited (its parent's; the thread does not even exist in the child), nor
+        unlock them, which would unlock them for the parent too."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._mutex = threading.Lock()
+            self._wake = threading.Condition(self._mutex)
+            self._queue: list[tuple[str, str, int]] = []  # prefetches not started
+            self._generation = 0  # counts prefetch calls, so a stop ends only the queue it was part of
+            self._wanted: set[str] = set()  # sha256s of the latest prefetch call, not fetched yet
+            self._held: dict = {}  # sha256 -> shared lock of an entry prefetched and not fetched yet
+            self._last = None  # shared lock of the entry fetched last
+            self._thread = self._stop = None
+            (self.directory / LOCKS).mkdir(parents=True, exist_ok=True)
+        return self._mutex
+
+    def fetch(self, url: str, sha256: str, size: int) -> Path:
+        """The local verified copy of the shard at `url` (a file); downloads it on first use."""
+        entry = self._entry(url, sha256)
+        if size > self.budget:
+            raise ShardCacheFullError(f"cache.local_bytes {self.budget} is smaller than shard {url} ({size} bytes); "
+                                      "raise cache.local_bytes")
+        self._local()
+        handle = self._acquire(url, sha256, size, entry, required=True)
+        os.utime(entry)  # most recently used: the last entry anyone evicts
+        with self._mutex:
+            self._wanted.discard(sha256)
+            done = [self._last, self._held.pop(sha256, None)]
+            self._last = handle
+        for old in done:
+            if old is not None:
+                _release(old)
+        return entry
+
+    def prefetch(self, items: list[tuple[str, str, int]]) -> None:
+        """Start downloading these (url, sha256, size) in order on ONE background thread, skipping those present,
+        stopping when the next one would not fit the budget alongside the entries in use; a later call replaces
+        the pending queue. Errors in prefetch are swallowed (logged at debug): fetch() will retry and raise them.
+
+        Entries it brings in stay in use (never evicted) until fetched or left out of a later call."""
+        with self._local():
+            self._generation += 1
+            self._queue = list(items)
+            self._wanted = {sha256 for _, sha256, _ in items}
+            dropped = [self._held.pop(sha) for sha in list(self._held) if sha not in self._wanted]
+            if self._thread is None:
+                self._stop = threading.Event()
+                self._thread = threading.Thread(target=self._run, args=(self._stop,), name="shard-prefetch",
+                                                daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        for handle in dropped:
+            _release(handle)
+
+    def close(self) -> None:
+        """Stop the prefetch thread (after the download it is in, which is atomic) and let go of every entry in
+        use; the cache can still be used afterwards."""
+        if self._pid != os.getpid():
+            return  # nothing of this process's own to stop
+        with self._mutex:
+            thread, stop, self._thread = self._thread, self._stop, None
+            handles = [*self._held.values(), self._last]
+            self._queue, self._wanted, self._held, self._last = [], set(), {}, None
+            if stop is not None:
+                stop.set()
+                self._wake.notify_all()
+        if thread is not None:
+            thread.join()
+        for handle in handles:
+            if handle is not None:
+                _release(handle)
+
+    def bytes_on_disk(self) -> int:
+        """Bytes of the entries present (temporaries of downloads in flight are not counted)."""
+        if not self.directory.is_dir():
+            return 0
+        return sum(stat.st_size for _, stat in self._entries().values())
+
+    def _entry(self, url: str, sha256: str) -> Path:
+        if not _SHA256.fullmatch(sha256):
+            raise ManifestError(f"{url}: its sha256 {sha256!r} is not 64 lowercase hex digits")
+        return self.directory / (sha256 + PurePosixPath(url).suffix)
+
+    def _lock_path(self, sha256: str) -> Path:
+        return self.directory / LOCKS / f"{sha256}.lock"
+
+    def _entries(self) -> dict[str, tuple[Path, os.stat_result]]:
+        found = {}
+        for path in self.directory.iterdir():
+            if _SHA256.match(path.name):
+                with contextlib.suppress(FileNotFoundError):  # evicted meanwhile
+                    found[path.name[:64]] = (path, path.stat())
+        return found
+
+    def _acquire(self, url: str, sha256: str, size: int, entry: Path, required: bool):
+        """A shared lock on ``entry`` once it is present, downloading it first unless someone else is (then this
+        waits for them); None when it is absent and, not ``required``, would not fit beside the entries in use."""
+        lock_path = self._lock_path(sha256)
+        while True:
+            shared = _lock(lock_path, fcntl.LOCK_SH)  # waits while another process or thread downloads it
+            if entry.exists():
+                return shared
+            _release(shared)
+            exclusive = _lock(lock_path, _EX_NB)
+            if exclusive is None:  # someone took it in between: wait for them above
+                time.sleep(_RETRY_SECONDS)
+                continue
+            try:
+                if not entry.exists() and not self._download(url, sha256, size, entry, exclusive, required):
+                    return None
+            finally:
+                _release(exclusive)
+
+    def _download(self, url: str, sha256: str, size: int, entry: Path, exclusive, required: bool) -> bool:
+        """Make room and download ``entry``, holding its lock exclusively with ``size`` written in it for others'
+        accounting; False when there was no room and the download was not ``required``."""
+        exclusive.truncate(0)
+        exclusive.write(f"{size}\n")
+        exclusive.flush()
+        try:
+            if not self._make_room(sha256, size, required):
+                return False
+            remote.download_verified(url, entry, sha256)
+        finally:
+            exclusive.truncate(0)
+            if not entry.exists():
+                self._lock_path(sha256).unlink(missing_ok=True)
+        return True
+
+    def _make_room(self, sha256: str, size: int, required: bool) -> bool:
+        """Delete least recently used entries no one holds until those left, the downloads in flight and ``size``
+        fit the budget. When they cannot, delete nothing and return False; unless ``required``: then delete all
+        that may go, and go over the budget by the entries in use."""
+        evict = DirectoryLock(self.directory / LOCKS, "evict.lock")
+        evict.acquire("shard cache", on_wait=lambda holder: log.debug("waiting for %s to make room", holder))
+        try:
+            entries = self._entries()
+            total = size + self._in_flight(sha256, set(entries)) + sum(s.st_size for _, s in entries.values())
+            victims = []
+            for sha, (path, stat) in sorted(entries.items(), key=lambda item: item[1][1].st_mtime_ns):
+                if total <= self.budget:
+                    break
+                handle = _lock(self._lock_path(sha), _EX_NB)
+                if handle is not None:  # else in use here or in another process
+                    victims.append((sha, path, handle))
+                    total -= stat.st_size
+            fits = total <= self.budget
+            for sha, path, handle in victims:
+                if fits or required:
+                    path.unlink(missing_ok=True)
+                    self._lock_path(sha).unlink(missing_ok=True)
+                _release(handle)
+            return fits or required
+        finally:
+            evict.release()
+
+    def _in_flight(self, own: str, present: set[str]) -> int:
+        """Bytes that other downloads in flight will add: each holds its entry's lock and wrote its size there.
+        On the way, remove what killed downloads left behind: their temporaries, and the lock files of entries
+        that are absent. Called under the evict lock, which every download takes before it starts."""
+        reserved = 0
+        for path in (self.directory / LOCKS).glob("*.lock"):
+            sha = path.stem
+            if sha == own or not _SHA256.fullmatch(sha):
+                continue
+            handle = _lock(path, _EX_NB)
+            if handle is None:
+                reserved += 0 if sha in present else _reserved(path)
+                continue
+            for tmp in self.directory.glob(f".{sha}*{TMP_MARKER}*"):
+                remove_path(tmp)
+            if sha not in present:
+                path.unlink(missing_ok=True)
+            _release(handle)
+        return reserved
+
+    def _run(self, stop: threading.Event) -> None:
+        """Download the queue in order; one that does not fit beside the entries in use ends that queue."""
+        while True:
+            with self._wake:
+                while not self._queue and not stop.is_set():
+                    self._wake.wait()
+                if stop.is_set():
+                    return
+                url, sha256, size = self._queue.pop(0)
+                generation = self._generation
+            try:
+                entry = self._entry(url, sha256)
+                handle = self._acquire(url, sha256, size, entry, required=False) if size <= self.budget else None
+            except Exception as exc:  # fetch() downloads it again and raises
+                log.debug("prefetch of %s failed: %s", url, exc)
+                continue
+            with self._mutex:
+                if handle is None and generation == self._generation:
+                    self._queue.clear()
+                if handle is not None and sha256 in self._wanted and sha256 not in self._held:
+                    self._held[sha256], handle = handle, None
+            if handle is not None:
+                _release(handle)
