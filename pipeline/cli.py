@@ -68,7 +68,7 @@ def _run(args) -> int:
     if preempt.requested():  # the report is one more safe point: the rerun writes it
         raise preempt.Preempted("every stage is complete; stopped before the report (rerun to write it)")
     if args.round is None and args.stage is None and world().is_main:
-        report = build_report(run_dir)
+        report = build_report(run_dir, job.cache.local_dir)
         print(report.read_text())
     print(run_dir)
     return 0

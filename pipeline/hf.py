@@ -1,14 +1,22 @@
-"""Hugging Face models for both stages: device choice, loading, content hashes, and the chunked logit head."""
+"""Hugging Face models for both stages: device choice, loading, content hashes, and the chunked logit head.
+
+A model may also be a folder at a URL (``s3://.../round-1/train/final``, a previous round's student): transformers
+loads only local folders and hub ids, so it is loaded from a local copy under ``local_dir``, downloaded once per
+process, from which its config, tokenizer, weights and weights hash are all read.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import TeacherError
+from storage.errors import CacheNotFoundError
+from storage.mirror import local_folder
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
@@ -35,22 +43,45 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
 
 
-def _check_local(name: str, key: str) -> None:
-    """A path that is not a folder gets this one line, not the hub's message about repo ids."""
-    if looks_local(name) and not Path(name).expanduser().is_dir():
+_COPIES: dict[tuple[str, str], str] = {}
+"""Local copies of the models at URLs made by this process, by (URL, local_dir): one download serves every read."""
+
+
+def local_model(name: str, local_dir: str | os.PathLike | None = None, key: str = "teacher.model") -> str:
+    """What transformers can load for ``name``: ``name`` itself (a path or a hub id), or the path of a local
+    copy of the folder at a URL, downloaded under ``local_dir`` unless this process has one already."""
+    copy = _COPIES.get((name, str(local_dir)))
+    if copy is not None and Path(copy).is_dir():
+        return copy
+    try:
+        folder = local_folder(name, local_dir)
+    except CacheNotFoundError:
+        raise TeacherError(f"{key} {name!r}: no such model directory") from None
+    if folder == Path(name):
+        return name  # a path or hub id, as given (Path would normalise it)
+    _COPIES[(name, str(local_dir))] = str(folder)
+    return str(folder)
+
+
+def _check_local(name: str, key: str, local_dir: str | os.PathLike | None = None) -> str:
+    """The loadable form of ``name`` (see ``local_model``); a path that is not a folder gets this one line, not
+    the hub's message about repo ids."""
+    source = local_model(name, local_dir, key)
+    if looks_local(source) and not Path(source).expanduser().is_dir():
         raise TeacherError(f"{key} {name!r}: no such model directory")
+    return source
 
 
 def load_config_and_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False,
-                              key: str = "teacher.model"):
+                              key: str = "teacher.model", local_dir: str | os.PathLike | None = None):
     """Load a model's HF config and tokenizer without its weights; ``key`` names the setting in errors."""
     from transformers import AutoConfig, AutoTokenizer
 
-    _check_local(name, key)
+    source = _check_local(name, key, local_dir)
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
-        config = AutoConfig.from_pretrained(name, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise TeacherError(f"{key} {name!r} could not be loaded: {load_failure(exc)}") from exc
     return config, tokenizer
@@ -65,7 +96,8 @@ def max_positions(config) -> int | None:
 
 
 def load_model(name: str, device: torch.device, dtype: str = "auto", revision: str | None = None,
-               trust_remote_code: bool = False, key: str = "teacher.model", placement: dict | None = None):
+               trust_remote_code: bool = False, key: str = "teacher.model", placement: dict | None = None,
+               local_dir: str | os.PathLike | None = None):
     """Load a causal LM's weights in ``dtype`` (``auto``: the checkpoint's) onto ``device``, in eval mode.
 
     ``placement`` holds extra ``from_pretrained`` arguments that place the
@@ -74,10 +106,10 @@ def load_model(name: str, device: torch.device, dtype: str = "auto", revision: s
     """
     from transformers import AutoModelForCausalLM
 
-    _check_local(name, key)
+    source = _check_local(name, key, local_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, revision=revision, trust_remote_code=trust_remote_code, dtype=DTYPES.get(dtype, "auto"),
+            source, revision=revision, trust_remote_code=trust_remote_code, dtype=DTYPES.get(dtype, "auto"),
             **(placement or {}))
     except (OSError, ValueError) as exc:
         raise TeacherError(f"{key} {name!r}: weights could not be loaded: {load_failure(exc)}") from exc
@@ -155,9 +187,10 @@ def weights_sha256(model_dir: Path) -> str | None:
     return digest.hexdigest()
 
 
-def teacher_identity(name: str, revision: str | None, config) -> dict:
-    """Teacher name, resolved revision and, for local folders, the weight-file hash."""
-    local = Path(name).expanduser()
+def teacher_identity(name: str, revision: str | None, config, local_dir: str | os.PathLike | None = None) -> dict:
+    """Teacher name, resolved revision and, for folders (local, or the local copy of one at a URL), the
+    weight-file hash."""
+    local = Path(local_model(name, local_dir)).expanduser()
     if local.is_dir():
         return {"name": name, "revision": None, "weights_sha256": weights_sha256(local)}
     return {"name": name, "revision": getattr(config, "_commit_hash", None) or revision, "weights_sha256": None}

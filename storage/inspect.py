@@ -8,6 +8,8 @@ import numpy as np
 from storage.errors import CacheNotFoundError
 from storage.formats import get_format
 from storage.manifest import Manifest, read_manifest
+from storage.remote import is_url
+from storage.remote_shards import open_cache
 
 
 def _shard_stats(arrays: dict[str, np.ndarray]) -> dict[str, float]:
@@ -30,7 +32,9 @@ def _shard_stats(arrays: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def read_cache(directory: str | Path) -> Manifest:
-    """The manifest of the cache at ``directory``; a missing path or a file is named as such."""
+    """The manifest of the cache at ``directory`` (or a URL); a missing path or a file is named as such."""
+    if is_url(directory):
+        return open_cache(directory)
     path = Path(directory)
     if not path.is_dir():
         why = "it is a file" if path.exists() else "it does not exist"
@@ -49,7 +53,7 @@ def summarize(manifest: Manifest) -> dict:
             totals[key] += stats[key]
     n = max(totals["positions"], 1)
     return {
-        "directory": str(manifest.directory),
+        "directory": manifest.location,
         "fingerprint": manifest.fingerprint,
         "teacher": manifest.teacher.get("name"),
         "mode": manifest.mode,

@@ -6,6 +6,7 @@ torchrun worker orphaned by a killed launcher, keeps it until it ends.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -52,3 +53,27 @@ class DirectoryLock:
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
+
+
+def lock_file(path: Path, mode: int):
+    """An open handle holding ``flock(mode)`` on ``path``; None when ``mode`` has LOCK_NB and the lock is taken.
+
+    A lock file is deleted only by a holder of its exclusive lock, so a lock won on a file that is no longer at
+    ``path`` guards nothing: it is dropped and taken again on the file that is there now."""
+    while True:
+        handle = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, mode)
+        except BlockingIOError:
+            handle.close()
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        handle.close()
+
+
+def unlock(handle) -> None:
+    """Unlock, then close: closing alone would leave the lock held while a forked child has the descriptor."""
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    handle.close()

@@ -154,6 +154,17 @@ class Manifest:
     splits: dict = field(default_factory=dict)
     shards: list[ShardRecord] = field(default_factory=list)
     directory: Path = field(default=Path("."), compare=False)
+    remote: object = field(default=None, compare=False, repr=False)
+    """For a cache at a URL, its ``storage.remote_shards.RemoteShards``: shards then come from there."""
+
+    @property
+    def location(self) -> str:
+        """Where the cache is, as the user named it: a directory or a URL."""
+        return self.remote.url if self.remote else str(self.directory)
+
+    def folder(self, relative: str) -> Path:
+        """A local path to a folder of the cache (its tokenizer)."""
+        return self.remote.folder(relative) if self.remote else self.directory / relative
 
     @property
     def tokenizer_length(self) -> int:
@@ -172,7 +183,10 @@ class Manifest:
         return [s for s in self.shards if s.split == split]
 
     def shard_path(self, record: ShardRecord) -> Path:
-        """The shard's path, refused when it (or a symlink on the way) leads out of the cache directory."""
+        """The shard's local path (for a remote cache, of a copy verified when downloaded), refused when it (or
+        a symlink on the way) leads out of the cache directory."""
+        if self.remote:
+            return self.remote.fetch(record)
         path = self.directory / record.path
         if not path.resolve().is_relative_to(self.directory.resolve()):
             raise ManifestError(f"shard {record.path!r} in {self.directory / MANIFEST_NAME} leads outside the cache "
@@ -183,6 +197,9 @@ class Manifest:
         """Re-hash ``records`` (default: every listed shard); return one message per bad or missing shard."""
         problems = []
         for record in self.shards if records is None else records:
+            if self.remote:
+                problems += [p for p in [self.remote.problem(record)] if p]
+                continue
             path = self.shard_path(record)
             if not path.exists():
                 problems.append(f"missing: {path}")
@@ -192,25 +209,27 @@ class Manifest:
 
     def check_shard(self, record: ShardRecord) -> Path:
         """Return the shard's path after verifying its checksum."""
+        if self.remote:
+            return self.remote.fetch_checked(record)
         path = self.shard_path(record)
         if not path.exists():
             raise CacheNotFoundError(f"shard {path} listed in {self.directory / MANIFEST_NAME} is missing")
         if shard_sha256(path) != record.sha256:
             raise ChecksumError(
                 f"shard {path} does not match its sha256 in the manifest; "
-                f"the cache is corrupt: run `distillery verify {self.directory}` and rebuild it"
+                f"the cache is corrupt: run `distillery verify {self.location}` and rebuild it"
             )
         return path
 
     def to_json(self) -> dict:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "directory"}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("directory", "remote")}
         data["shards"] = [dataclasses.asdict(s) for s in self.shards]
         return data
 
     @classmethod
     def from_json(cls, data: dict, directory: Path, source: str = MANIFEST_NAME) -> Manifest:
         """Build from parsed JSON, naming ``source`` and the bad key in any error."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"directory"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"directory", "remote"}
         if not isinstance(data, dict) or not isinstance(data.get("shards"), list):
             raise ManifestError(f"{source} is not a Distillery manifest (no list of shards); rebuild the cache")
         if data.get("format_version", 0) > FORMAT_VERSION:
@@ -236,20 +255,22 @@ def write_manifest(directory: Path, manifest: Manifest) -> Path:
     return path
 
 
-def read_manifest(directory: str | Path) -> Manifest:
-    """Load the manifest of a complete cache, or raise ``CacheNotFoundError`` / ``ManifestError``."""
+def read_manifest(directory: str | Path, name: str | None = None) -> Manifest:
+    """Load the manifest of a complete cache, or raise ``CacheNotFoundError`` / ``ManifestError``; messages
+    call the cache ``name`` (default: ``directory``), so that a local copy of a remote one names its URL."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
+    label = f"{name}/{MANIFEST_NAME}" if name else str(path)
     if not path.is_file():
         raise CacheNotFoundError(
-            f"no {MANIFEST_NAME} in {directory}: it is not a complete Distillery cache "
+            f"no {MANIFEST_NAME} in {name or directory}: it is not a complete Distillery cache "
             f"(run or finish `distillery cache` for it first)"
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path} is not valid JSON ({exc}); the cache is damaged: rebuild it") from None
+        raise ManifestError(f"{label} is not valid JSON ({exc}); the cache is damaged: rebuild it") from None
     if isinstance(data, dict) and seal_is_broken(data, MANIFEST_SEAL):
-        raise ManifestError(f"{path} does not match its {MANIFEST_SEAL}: it was edited or damaged after it was "
+        raise ManifestError(f"{label} does not match its {MANIFEST_SEAL}: it was edited or damaged after it was "
                             "written; the cache cannot be trusted: rebuild it")
-    return Manifest.from_json(data, directory, str(path))
+    return Manifest.from_json(data, directory, label)

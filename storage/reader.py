@@ -8,6 +8,7 @@ int64, the global index of each sequence in the split.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +18,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from storage.errors import BatchTooLargeError, CacheNotFoundError
 from storage.formats import get_format
-from storage.manifest import Manifest, read_manifest
-from storage.stream import ShardRows, StreamOrder, StreamState, iterate_batches
+from storage.manifest import Manifest
+from storage.remote_shards import PREFETCH_SHARDS, open_cache
+from storage.stream import ShardRows, StreamOrder, StreamState, iterate_batches, shard_schedule
 
 BATCH_DTYPES = {"input_ids": np.int64, "topk_ids": np.int64, "topk_logprobs": np.float32,
                 "tail_logprob": np.float32, "loss_mask": np.bool_, "sample_index": np.int64}
@@ -30,13 +32,26 @@ def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 class ShardLoader:
-    """Reads a split's shards by index, verifying each checksum the first time it is opened."""
+    """Reads a split's shards by index, verifying each checksum the first time it is opened.
 
-    def __init__(self, manifest: Manifest, split: str, verify: bool = True):
+    For a remote cache, each load also starts downloading the next ``PREFETCH_SHARDS`` shards of
+    ``upcoming`` (shard indices in the order the reader first needs them; default: manifest order).
+    """
+
+    def __init__(self, manifest: Manifest, split: str, verify: bool = True, upcoming: Iterator[int] | None = None):
         self.manifest, self.verify = manifest, verify
         self.records = manifest.shards_for(split)
         self.format = get_format(manifest.format)
         self._verified: set[int] = set()
+        self._upcoming = iter(upcoming if upcoming is not None else range(len(self.records)))
+        self._window: list[int] = []  # the next entries of ``upcoming``
+
+    def _prefetch_after(self, index: int) -> None:
+        """Move the schedule past ``index`` and start downloading the shards that follow it."""
+        self._window += itertools.islice(self._upcoming, 2 * PREFETCH_SHARDS + 1 - len(self._window))
+        if index in self._window:
+            del self._window[: self._window.index(index) + 1]
+        self.manifest.remote.prefetch([self.records[i] for i in self._window[:PREFETCH_SHARDS]])
 
     @property
     def sizes(self) -> list[int]:
@@ -49,6 +64,8 @@ class ShardLoader:
             self._verified.add(index)
         else:
             path = self.manifest.shard_path(record)
+        if self.manifest.remote:
+            self._prefetch_after(index)
         return self.format.read(path)
 
 
@@ -60,10 +77,11 @@ class SoftTargetStream(IterableDataset):
     the order does not depend on N.
     """
 
-    def __init__(self, directory: str | Path, order: StreamOrder, split: str = "train",
+    def __init__(self, cache: str | Path | Manifest, order: StreamOrder, split: str = "train",
                  start: StreamState | None = None, verify: bool = True, max_open_shards: int = 4,
                  prefetch_depth: int = 4):
-        self.manifest = read_manifest(directory)
+        self.manifest = cache if isinstance(cache, Manifest) else open_cache(cache)
+        directory = self.manifest.location
         self.order, self.split, self.start, self.verify = order, split, start or StreamState(), verify
         self.max_open_shards, self.prefetch_depth = max_open_shards, prefetch_depth
         self.sizes = ShardLoader(self.manifest, split, verify=False).sizes
@@ -84,17 +102,21 @@ class SoftTargetStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        rows = ShardRows(ShardLoader(self.manifest, self.split, self.verify), self.sizes, self.max_open_shards)
+        first_epoch = self.start.samples // self.order.global_batch // max(self.steps_per_epoch, 1)
+        upcoming = shard_schedule(len(self.sizes), self.order.seed, first_epoch)
+        loader = ShardLoader(self.manifest, self.split, self.verify, upcoming)
+        rows = ShardRows(loader, self.sizes, self.max_open_shards)
         batches = iterate_batches(rows, self.sizes, self.order, self.start, worker=worker, num_workers=workers,
                                   depth=self.prefetch_depth)
         for batch in batches:
             yield to_tensors(batch)
 
 
-def sequential_batches(directory: str | Path, split: str, batch_size: int,
+def sequential_batches(cache: str | Path | Manifest, split: str, batch_size: int,
                        verify: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """Every sequence of ``split`` once, in manifest order (for evaluation)."""
-    loader = ShardLoader(read_manifest(directory), split, verify)
+    manifest = cache if isinstance(cache, Manifest) else open_cache(cache)
+    loader = ShardLoader(manifest, split, verify)
     for index in range(len(loader.records)):
         shard = loader(index)
         n = len(shard["input_ids"])

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from storage.atomic import atomic_write
 from storage.errors import CacheNotFoundError, ChecksumError, RemoteStorageError
-from storage.manifest import file_sha256
+from storage.manifest import file_sha256, shard_sha256
 
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 PART_BYTES = 64 << 20
+_BLOCK = 8 << 20
 """Uploads above this size go as a multipart upload of parts of this size."""
 
 
@@ -48,7 +49,9 @@ def naming(url: str, what: str):
         yield
     except (CacheNotFoundError, ChecksumError, FileExistsError):
         raise
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
+        if "bucket" in str(exc).lower():  # S3's NoSuchBucket; a missing key's message is only the key
+            raise CacheNotFoundError(f"{url}: its bucket does not exist; create it or correct the URL") from None
         raise CacheNotFoundError(f"{url} does not exist (while trying to {what})") from None
     except Exception as exc:  # OSError and botocore's own errors (a refused connection is not an OSError)
         if not (isinstance(exc, OSError) or type(exc).__module__.startswith(("botocore", "aiobotocore"))):
@@ -130,12 +133,103 @@ def read_bytes(url: str) -> bytes:
         return fs.cat_file(path)
 
 
-def download_verified(url: str, dest: Path, sha256: str) -> Path:
-    """Download ``url`` to ``dest`` atomically, refusing bytes whose sha256 is not ``sha256``."""
+def exists(url: str) -> bool:
+    fs, path = open_fs(url)
+    with naming(url, "look up"):
+        return fs.exists(path)
+
+
+def child_names(url: str) -> list[str]:
+    """Names of the objects and folders directly under ``url``; none when nothing is there."""
+    fs, path = open_fs(url)
+    with naming(url, "list"):
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if p.rstrip("/") != path)
+        except FileNotFoundError:
+            return []
+
+
+def remove(url: str) -> None:
+    """Delete the object or the folder of objects at ``url``, if any."""
+    fs, path = open_fs(url)
+    with naming(url, "delete"):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def _files_under(fs, path: str) -> list[tuple[str, int]]:
+    """``(relative path, size)`` of every object of a folder, sorted; of the object itself when it is a file."""
+    if not fs.isdir(path):
+        return [("", fs.info(path)["size"])]
+    found = fs.find(path, detail=True)
+    return sorted((name[len(path):].lstrip("/"), info["size"]) for name, info in found.items())
+
+
+def _stream_sha256(fs, path: str, digest=None):
+    digest = digest or hashlib.sha256()
+    with fs.open(path, "rb", block_size=_BLOCK) as handle:
+        while block := handle.read(_BLOCK):
+            digest.update(block)
+    return digest
+
+
+def measure(url: str) -> tuple[int, str] | None:
+    """``(bytes, sha256)`` of a remote shard (a file, or a folder hashed as ``storage.manifest.shard_sha256``
+    hashes one), or None when it is missing. A single-part S3 object's sha256 comes from the store; anything
+    else is read once."""
+    fs, path = open_fs(url)
+    with naming(url, "check"):
+        if not fs.exists(path):
+            return None
+        files = _files_under(fs, path)
+        size = sum(s for _, s in files)
+        if files == [("", size)]:
+            reported = _reported_sha256(fs, path) if fs.protocol[0] in ("s3", "s3a") else None
+            if reported and "-" not in reported:
+                return size, base64.b64decode(reported).hex()
+            return size, _stream_sha256(fs, path).hexdigest()
+        digest = hashlib.sha256()
+        for name, _ in files:
+            digest.update(name.encode() + b"\0")
+            _stream_sha256(fs, f"{path}/{name}", digest)
+        return size, digest.hexdigest()
+
+
+def upload_tree(local: Path, url: str, last: tuple[str, ...] = ()) -> None:
+    """Upload a file, or every file of a folder (the names in ``last`` after all others), each verified."""
+    if local.is_file():
+        upload_file(local, url)
+        return
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name in last, p.as_posix()))
+    for file in files:
+        upload_file(file, f"{url}/{file.relative_to(local).as_posix()}")
+
+
+def _get(fs, path: str, dest: Path) -> None:
+    """Download a file or a folder of files to ``dest`` (which does not exist yet)."""
+    files = _files_under(fs, path)
+    if files and files[0][0] == "":
+        fs.get_file(path, str(dest))
+        return
+    for name, _ in files:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f"{path}/{name}", str(dest / name))
+
+
+def download(url: str, dest: Path) -> Path:
+    """Download a file or a folder to ``dest`` atomically (readers never see part of it)."""
     fs, path = open_fs(url)
     with naming(url, "download"), atomic_write(dest) as tmp:
-        fs.get_file(path, str(tmp))
-        if file_sha256(tmp) != sha256:
+        _get(fs, path, tmp)
+    return dest
+
+
+def download_verified(url: str, dest: Path, sha256: str) -> Path:
+    """Download a shard (a file or a folder) to ``dest`` atomically, refusing bytes whose sha256 is not ``sha256``."""
+    fs, path = open_fs(url)
+    with naming(url, "download"), atomic_write(dest) as tmp:
+        _get(fs, path, tmp)
+        if shard_sha256(tmp) != sha256:
             raise ChecksumError(f"{url} does not match its sha256 in the manifest; the remote copy is damaged: "
                                 "rebuild the cache")
     return dest

@@ -12,9 +12,12 @@ because each takes its lock through a handle of its own.
 - ``.locks/evict.lock``: held while choosing what to delete, so two downloads never count the same free bytes.
 
 The budget holds for the entries present plus the downloads in flight, except that entries in use are never
-deleted: when they leave no room, ``fetch`` goes over the budget by at most those entries (``prefetch`` stops
-instead). Deleting a file that another process has open or memory-mapped is safe on Linux: it keeps the bytes
-until it closes the file. Only regular files are cached, not directory shards.
+deleted: when they leave no room, ``fetch`` goes over the budget by at most those entries. A prefetch starts only
+when it leaves room for one more shard of its size, and a fetch that must download gives up this process's
+prefetched entries first, so a reader whose budget holds two shards per process stays within it even when its
+reads are not the ones foreseen. Deleting a file that another process has open or memory-mapped is safe on
+Linux, but its blocks are freed only when that reader closes it. A Zarr shard's entry is a folder, counted
+by the bytes of its files.
 """
 from __future__ import annotations
 
@@ -30,9 +33,10 @@ from pathlib import Path, PurePosixPath
 from storage import remote
 from storage.atomic import TMP_MARKER, remove_path
 from storage.errors import CacheError, ManifestError
-from storage.locks import DirectoryLock
+from storage.locks import DirectoryLock, lock_file, unlock
+from storage.manifest import shard_bytes
+from storage.mirror import DEFAULT_LOCAL_BYTES
 
-DEFAULT_BYTES = 20 * 10**9
 LOCKS = ".locks"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _RETRY_SECONDS = 0.01
@@ -42,30 +46,6 @@ log = logging.getLogger(__name__)
 
 class ShardCacheFullError(CacheError, ValueError):
     """One shard alone is larger than the budget of the local shard cache."""
-
-
-def _lock(path: Path, mode: int):
-    """An open handle holding ``flock(mode)`` on ``path``; None when ``mode`` has LOCK_NB and the lock is taken.
-
-    A lock file is deleted only by a holder of its exclusive lock, so a lock won on a file that is no longer at
-    ``path`` guards nothing: it is dropped and taken again on the file that is there now."""
-    while True:
-        handle = open(path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(handle, mode)
-        except BlockingIOError:
-            handle.close()
-            return None
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
-                return handle
-        handle.close()
-
-
-def _release(handle) -> None:
-    """Unlock, then close: closing alone would leave the lock held while a forked child has the descriptor."""
-    fcntl.flock(handle, fcntl.LOCK_UN)
-    handle.close()
 
 
 def _reserved(path: Path) -> int:
@@ -78,7 +58,7 @@ def _reserved(path: Path) -> int:
 class ShardCache:
     """Local copies of remote shards under `directory`, at most `budget` bytes of them."""
 
-    def __init__(self, directory: Path, budget: int = DEFAULT_BYTES):
+    def __init__(self, directory: Path, budget: int = DEFAULT_LOCAL_BYTES):
         self.directory = Path(directory)
         self.budget = budget
         self._pid = None  # threads, locks and handles are made on first use in each process (see _local)
@@ -104,16 +84,19 @@ class ShardCache:
             self._held: dict = {}  # sha256 -> shared lock of an entry prefetched and not fetched yet
             self._last = None  # shared lock of the entry fetched last
             self._thread = self._stop = None
+            self._busy = False  # the prefetch thread is downloading
             (self.directory / LOCKS).mkdir(parents=True, exist_ok=True)
         return self._mutex
 
     def fetch(self, url: str, sha256: str, size: int) -> Path:
-        """The local verified copy of the shard at `url` (a file); downloads it on first use."""
+        """The local verified copy of the shard at `url` (a file or a folder); downloads it on first use."""
         entry = self._entry(url, sha256)
         if size > self.budget:
             raise ShardCacheFullError(f"cache.local_bytes {self.budget} is smaller than shard {url} ({size} bytes); "
                                       "raise cache.local_bytes")
         self._local()
+        if not entry.exists():
+            self._give_up_prefetched(sha256)  # a read that prefetching did not foresee: its guesses may go
         handle = self._acquire(url, sha256, size, entry, required=True)
         os.utime(entry)  # most recently used: the last entry anyone evicts
         with self._mutex:
@@ -122,7 +105,7 @@ class ShardCache:
             self._last = handle
         for old in done:
             if old is not None:
-                _release(old)
+                unlock(old)
         return entry
 
     def prefetch(self, items: list[tuple[str, str, int]]) -> None:
@@ -143,7 +126,19 @@ class ShardCache:
                 self._thread.start()
             self._wake.notify()
         for handle in dropped:
-            _release(handle)
+            unlock(handle)
+
+    def _give_up_prefetched(self, keep: str) -> None:
+        """Cancel the pending prefetches and let go of the entries prefetched and not fetched yet (but ``keep``),
+        so that room can be made from them."""
+        with self._wake:
+            self._generation += 1
+            self._queue, self._wanted = [], {keep} & self._wanted
+            while self._busy:  # a download under way becomes an entry that room can be made from
+                self._wake.wait()
+            dropped = [self._held.pop(sha) for sha in list(self._held) if sha != keep]
+        for handle in dropped:
+            unlock(handle)
 
     def close(self) -> None:
         """Stop the prefetch thread (after the download it is in, which is atomic) and let go of every entry in
@@ -161,13 +156,13 @@ class ShardCache:
             thread.join()
         for handle in handles:
             if handle is not None:
-                _release(handle)
+                unlock(handle)
 
     def bytes_on_disk(self) -> int:
         """Bytes of the entries present (temporaries of downloads in flight are not counted)."""
         if not self.directory.is_dir():
             return 0
-        return sum(stat.st_size for _, stat in self._entries().values())
+        return sum(size for _, _, size in self._entries().values())
 
     def _entry(self, url: str, sha256: str) -> Path:
         if not _SHA256.fullmatch(sha256):
@@ -177,12 +172,13 @@ class ShardCache:
     def _lock_path(self, sha256: str) -> Path:
         return self.directory / LOCKS / f"{sha256}.lock"
 
-    def _entries(self) -> dict[str, tuple[Path, os.stat_result]]:
+    def _entries(self) -> dict[str, tuple[Path, int, int]]:
+        """``sha256 -> (path, mtime in ns, bytes)`` of the entries present (a Zarr shard's entry is a folder)."""
         found = {}
         for path in self.directory.iterdir():
             if _SHA256.match(path.name):
                 with contextlib.suppress(FileNotFoundError):  # evicted meanwhile
-                    found[path.name[:64]] = (path, path.stat())
+                    found[path.name[:64]] = (path, path.stat().st_mtime_ns, shard_bytes(path))
         return found
 
     def _acquire(self, url: str, sha256: str, size: int, entry: Path, required: bool):
@@ -190,11 +186,11 @@ class ShardCache:
         waits for them); None when it is absent and, not ``required``, would not fit beside the entries in use."""
         lock_path = self._lock_path(sha256)
         while True:
-            shared = _lock(lock_path, fcntl.LOCK_SH)  # waits while another process or thread downloads it
+            shared = lock_file(lock_path, fcntl.LOCK_SH)  # waits while another process or thread downloads it
             if entry.exists():
                 return shared
-            _release(shared)
-            exclusive = _lock(lock_path, _EX_NB)
+            unlock(shared)
+            exclusive = lock_file(lock_path, _EX_NB)
             if exclusive is None:  # someone took it in between: wait for them above
                 time.sleep(_RETRY_SECONDS)
                 continue
@@ -202,7 +198,7 @@ class ShardCache:
                 if not entry.exists() and not self._download(url, sha256, size, entry, exclusive, required):
                     return None
             finally:
-                _release(exclusive)
+                unlock(exclusive)
 
     def _download(self, url: str, sha256: str, size: int, entry: Path, exclusive, required: bool) -> bool:
         """Make room and download ``entry``, holding its lock exclusively with ``size`` written in it for others'
@@ -228,21 +224,22 @@ class ShardCache:
         evict.acquire("shard cache", on_wait=lambda holder: log.debug("waiting for %s to make room", holder))
         try:
             entries = self._entries()
-            total = size + self._in_flight(sha256, set(entries)) + sum(s.st_size for _, s in entries.values())
+            total = size + self._in_flight(sha256, set(entries)) + sum(size for _, _, size in entries.values())
+            total += 0 if required else size  # a prefetch leaves room for one read it did not foresee
             victims = []
-            for sha, (path, stat) in sorted(entries.items(), key=lambda item: item[1][1].st_mtime_ns):
+            for sha, (path, _, entry_size) in sorted(entries.items(), key=lambda item: item[1][1]):
                 if total <= self.budget:
                     break
-                handle = _lock(self._lock_path(sha), _EX_NB)
+                handle = lock_file(self._lock_path(sha), _EX_NB)
                 if handle is not None:  # else in use here or in another process
                     victims.append((sha, path, handle))
-                    total -= stat.st_size
+                    total -= entry_size
             fits = total <= self.budget
             for sha, path, handle in victims:
                 if fits or required:
-                    path.unlink(missing_ok=True)
+                    remove_path(path)
                     self._lock_path(sha).unlink(missing_ok=True)
-                _release(handle)
+                unlock(handle)
             return fits or required
         finally:
             evict.release()
@@ -256,7 +253,7 @@ class ShardCache:
             sha = path.stem
             if sha == own or not _SHA256.fullmatch(sha):
                 continue
-            handle = _lock(path, _EX_NB)
+            handle = lock_file(path, _EX_NB)
             if handle is None:
                 reserved += 0 if sha in present else _reserved(path)
                 continue
@@ -264,7 +261,7 @@ class ShardCache:
                 remove_path(tmp)
             if sha not in present:
                 path.unlink(missing_ok=True)
-            _release(handle)
+            unlock(handle)
         return reserved
 
     def _run(self, stop: threading.Event) -> None:
@@ -276,17 +273,21 @@ class ShardCache:
                 if stop.is_set():
                     return
                 url, sha256, size = self._queue.pop(0)
-                generation = self._generation
+                generation, self._busy = self._generation, True
+            handle = None
             try:
                 entry = self._entry(url, sha256)
                 handle = self._acquire(url, sha256, size, entry, required=False) if size <= self.budget else None
+                with self._mutex:
+                    if handle is None and generation == self._generation:
+                        self._queue.clear()
+                    if handle is not None and sha256 in self._wanted and sha256 not in self._held:
+                        self._held[sha256], handle = handle, None
             except Exception as exc:  # fetch() downloads it again and raises
                 log.debug("prefetch of %s failed: %s", url, exc)
-                continue
-            with self._mutex:
-                if handle is None and generation == self._generation:
-                    self._queue.clear()
-                if handle is not None and sha256 in self._wanted and sha256 not in self._held:
-                    self._held[sha256], handle = handle, None
+            finally:
+                with self._wake:
+                    self._busy = False
+                    self._wake.notify_all()
             if handle is not None:
-                _release(handle)
+                unlock(handle)

@@ -52,11 +52,22 @@ class StreamOrder:
         return samples // self.global_batch
 
 
+def shard_permutation(shards: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which an epoch visits the shards (its shuffle blocks run through them in this order)."""
+    return np.random.default_rng([seed, epoch]).permutation(shards)
+
+
+def shard_schedule(shards: int, seed: int, first_epoch: int) -> Iterator[int]:
+    """Shard indices in the order the epochs from ``first_epoch`` on first need them, endlessly: what a reader
+    of a remote cache downloads ahead."""
+    for epoch in itertools.count(first_epoch):
+        yield from shard_permutation(shards, seed, epoch).tolist()
+
+
 def epoch_order(shard_sizes: list[int], seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
     """Global sample indices (into the shards concatenated in manifest order) for one epoch."""
     offsets = np.concatenate([[0], np.cumsum(shard_sizes)]).astype(np.int64)
-    rng = np.random.default_rng([seed, epoch])
-    shards = rng.permutation(len(shard_sizes))
+    shards = shard_permutation(len(shard_sizes), seed, epoch)
     order = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in shards]) if len(shards) else np.empty(0, np.int64)
     for start in range(0, len(order), shuffle_buffer):
         block = order[start : start + shuffle_buffer]

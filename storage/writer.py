@@ -10,6 +10,15 @@
    and the shard written again.
 3. Once every planned shard has a valid record, ``assemble`` copies the
    tokenizer and writes ``manifest.json`` last; it is the completion marker.
+
+A cache at a URL is written the same way into a local working directory
+(``storage.mirror``): each shard is uploaded, verified, once written and
+hashed, then its done record, and the manifest last with an exclusive create.
+The destination is the truth: resumes check the remote records and shards
+(size and sha256), so a job requeued on another node re-uploads only what is
+missing or wrong. File locks are local: two jobs on different nodes must not
+run the same part of one remote cache at once (their shards would be equal
+bytes, but a resume could delete one while the other uploads it).
 """
 from __future__ import annotations
 
@@ -47,6 +56,7 @@ from storage.manifest import (
     with_seal,
     write_manifest,
 )
+from storage.mirror import Mirror
 
 IDENTITY_NAME = "fingerprint.json"
 CONFIG_NAME = "config.yaml"
@@ -81,8 +91,8 @@ def plan_shards(sequences: dict[str, int], shard_size: int, suffix: str) -> list
     return plans
 
 
-def done_record_path(shard_path: Path) -> Path:
-    return shard_path.with_name(shard_path.name + DONE_SUFFIX)
+def _record_name(plan: ShardPlan) -> str:
+    return plan.name + DONE_SUFFIX
 
 
 def _read_json(path: Path) -> dict:
@@ -92,29 +102,33 @@ def _read_json(path: Path) -> dict:
         raise ManifestError(f"{path} is not valid JSON ({exc})") from None
 
 
-def refuse_foreign(path: Path) -> None:
-    """Raise ``ForeignDirectoryError`` when ``path`` holds files but is not a Distillery cache (nor only a token store)."""
+def refuse_foreign(mirror: Mirror) -> None:
+    """Raise ``ForeignDirectoryError`` when the destination holds files but is not a Distillery cache (nor only a
+    token store)."""
     # fingerprint.json is always written first, so a listing that shows other files shows it too.
-    entries = [p.name for p in path.iterdir() if not p.name.startswith(".") and p.name != TOKENS_DIR]
+    entries = [name for name in mirror.names() if not name.startswith(".") and name != TOKENS_DIR]
     if entries and IDENTITY_NAME not in entries:
         raise ForeignDirectoryError(
-            f"cache.dir {path} is not empty and is not a Distillery cache; choose an empty directory")
+            f"cache.dir {mirror.name} is not empty and is not a Distillery cache; choose an empty directory")
 
 
 class CacheDirectory:
-    """One cache directory of one fingerprint, and every step of writing it."""
+    """One cache directory (or URL, through its local working copy) of one fingerprint, and every step of
+    writing it."""
 
-    def __init__(self, path: Path, fingerprint: str):
-        self.path, self.fingerprint = Path(path), fingerprint
+    def __init__(self, location: Mirror | Path | str, fingerprint: str):
+        self.mirror = location if isinstance(location, Mirror) else Mirror(location)
+        self.path, self.name, self.fingerprint = self.mirror.local, self.mirror.name, fingerprint
+        self._checked: dict[str, ShardRecord] = {}  # shards found complete by this process, not measured again
 
     def is_complete(self) -> bool:
         """True for a finished cache of this fingerprint; raises if it holds another cache."""
-        if not (self.path / MANIFEST_NAME).is_file():
+        if not self.mirror.pull(MANIFEST_NAME):
             return False
         found = read_manifest(self.path).fingerprint
         if found != self.fingerprint:
             raise FingerprintMismatchError(
-                f"{self.path} already holds a cache with fingerprint {found}, but these settings give "
+                f"{self.name} already holds a cache with fingerprint {found}, but these settings give "
                 f"{self.fingerprint}; use another cache.dir, or cache.root to keep caches side by side")
         return True
 
@@ -136,35 +150,46 @@ class CacheDirectory:
             self._claim(config_yaml)
 
     def _claim(self, config_yaml: str) -> None:
-        refuse_foreign(self.path)
-        if (self.path / IDENTITY_NAME).is_file():
-            found = _read_json(self.path / IDENTITY_NAME).get("fingerprint")
-            if found != self.fingerprint:
-                raise FingerprintMismatchError(
-                    f"{self.path} holds a partial cache with fingerprint {found}, but these settings give "
-                    f"{self.fingerprint}; use another cache.dir, or delete that directory to discard it")
+        refuse_foreign(self.mirror)
+        if self.mirror.pull(IDENTITY_NAME):
+            self._check_claim()
         write_json(self.path / IDENTITY_NAME, {"fingerprint": self.fingerprint})
+        if not self.mirror.publish_once(IDENTITY_NAME):  # another part claimed the remote cache meanwhile
+            self.mirror.pull(IDENTITY_NAME)
+            self._check_claim()
         write_text(self.path / CONFIG_NAME, config_yaml)
+        self.mirror.push(CONFIG_NAME)
+
+    def _check_claim(self) -> None:
+        found = _read_json(self.path / IDENTITY_NAME).get("fingerprint")
+        if found != self.fingerprint:
+            raise FingerprintMismatchError(
+                f"{self.name} holds a partial cache with fingerprint {found}, but these settings give "
+                f"{self.fingerprint}; use another cache.dir, or delete that directory to discard it")
 
     def done_record(self, plan: ShardPlan) -> ShardRecord | None:
         """The record of a complete shard, or None when the shard was never finished.
 
         Raises ``DamagedRecordError`` naming the record when one exists but cannot be trusted.
         """
-        path = self.path / plan.name
-        record_path = done_record_path(path)
-        if not record_path.is_file():
+        if plan.name in self._checked:
+            return self._checked[plan.name]
+        if not self.mirror.pull(_record_name(plan)):
             return None  # the run died before the record was written: the shard (if any) is written again
+        record_path = self.mirror.where(_record_name(plan))
         try:
-            record = _read_json(record_path)
+            record = _read_json(self.path / _record_name(plan))
         except ManifestError:
             raise DamagedRecordError(f"done record {record_path} is not valid JSON") from None
-        problem = self._record_problem(record, plan, path)
+        problem = self._record_problem(record, plan)
         if problem:
             raise DamagedRecordError(f"done record {record_path} {problem}")
-        return ShardRecord(**{k: record[k] for k in ("path", "split", "sequences", "tokens", "bytes", "sha256")})
+        self.mirror.release(_record_name(plan))
+        found = ShardRecord(**{k: record[k] for k in ("path", "split", "sequences", "tokens", "bytes", "sha256")})
+        self._checked[plan.name] = found
+        return found
 
-    def _record_problem(self, record, plan: ShardPlan, path: Path) -> str | None:
+    def _record_problem(self, record, plan: ShardPlan) -> str | None:
         """Why a parsed done record cannot be trusted, or None."""
         if not isinstance(record, dict) or seal_is_broken(record, DONE_SEAL):
             return f"does not match its {DONE_SEAL}: it was edited or damaged"
@@ -174,10 +199,11 @@ class CacheDirectory:
         wrong = sorted(k for k, v in expected.items() if record.get(k) != v)
         if wrong or not isinstance(record.get("tokens"), int):
             return f"does not describe shard {plan.name} as planned ({', '.join(wrong) or 'tokens'})"
-        if not path.exists():
-            return f"lists {path}, which is missing"
-        if record.get("bytes") != shard_bytes(path) or record.get("sha256") != shard_sha256(path):
-            return f"does not match the size or sha256 of {path}"
+        measured = self.mirror.measure(plan.name)
+        if measured is None:
+            return f"lists {self.mirror.where(plan.name)}, which is missing"
+        if (record.get("bytes"), record.get("sha256")) != measured:
+            return f"does not match the size or sha256 of {self.mirror.where(plan.name)}"
         return None
 
     def unfinished(self, plans: list[ShardPlan]) -> tuple[list[ShardPlan], list[str]]:
@@ -194,14 +220,15 @@ class CacheDirectory:
 
     def discard(self, plan: ShardPlan) -> None:
         """Remove a partial or invalid shard, its record and any temporaries of killed writers."""
-        path = self.path / plan.name
-        record = done_record_path(path)
-        for leftover in [path, record, *stale_temporaries(self.path, path.name),
-                         *stale_temporaries(self.path, record.name)]:
-            remove_path(leftover)
+        self._checked.pop(plan.name, None)
+        for name in (plan.name, _record_name(plan)):
+            self.mirror.remove(name)
+            for leftover in stale_temporaries(self.path, name):
+                remove_path(leftover)
 
     def missing(self, plans: list[ShardPlan]) -> list[str]:
-        return [p.name for p in plans if not done_record_path(self.path / p.name).is_file()]
+        present = set(self.mirror.names())
+        return [p.name for p in plans if _record_name(p) not in present]
 
     def write_shard(self, plan: ShardPlan, shard_format, arrays: dict[str, np.ndarray], level: int) -> None:
         """Write one shard atomically, then its done record."""
@@ -215,9 +242,15 @@ class CacheDirectory:
                            shard_sha256(path))
 
     def mark_done(self, plan: ShardPlan, record: ShardRecord) -> None:
-        """Write the shard's done record: from now on resumes keep it and the manifest lists it."""
-        path = done_record_path(self.path / plan.name)
-        write_json(path, with_seal({**asdict(record), "fingerprint": self.fingerprint, "plan": asdict(plan)}, DONE_SEAL))
+        """Write the shard's done record (uploading the shard, then the record, to a remote cache): from now on
+        resumes keep it and the manifest lists it."""
+        write_json(self.path / _record_name(plan),
+                   with_seal({**asdict(record), "fingerprint": self.fingerprint, "plan": asdict(plan)}, DONE_SEAL))
+        for name in (plan.name, _record_name(plan)):
+            self.mirror.push(name)
+        for name in (plan.name, _record_name(plan)):
+            self.mirror.release(name)
+        self._checked[plan.name] = record
 
     def part_lock(self, part: int, parts: int, on_wait: Callable[[str], None]) -> DirectoryLock:
         """Hold part ``part`` of ``parts``: a second process started on the same part waits (``on_wait`` is told
@@ -230,18 +263,19 @@ class CacheDirectory:
         """Copy the tokenizer (``save_tokenizer(folder)``), then write ``manifest.json`` last. Parts that finish
         at the same moment take turns; only the first writes it, and the others get None."""
         with self._manifest_lock():
-            return None if (self.path / MANIFEST_NAME).is_file() else self._assemble(plans, header, save_tokenizer)
+            return None if self.mirror.exists(MANIFEST_NAME) else self._assemble(plans, header, save_tokenizer)
 
     def _assemble(self, plans: list[ShardPlan], header: Manifest, save_tokenizer: Callable[[Path], None]) -> Path:
         shards = []
         for plan in plans:
             record = self.done_record(plan)
             if record is None:
-                raise ManifestError(f"shard {self.path / plan.name} has no done record; "
+                raise ManifestError(f"shard {self.mirror.where(plan.name)} has no done record; "
                                     "rerun `distillery cache` to write it")
             shards.append(record)
         with atomic_write(self.path / TOKENIZER_DIR) as tmp:
             save_tokenizer(tmp)
+        self.mirror.push(TOKENIZER_DIR)
         splits: dict[str, dict] = {}
         for shard in shards:
             totals = splits.setdefault(shard.split, {"shards": 0, "sequences": 0, "tokens": 0, "bytes": 0})
@@ -250,4 +284,5 @@ class CacheDirectory:
                 totals[key] += getattr(shard, key)
         manifest = replace(header, fingerprint=self.fingerprint, tokenizer_dir=TOKENIZER_DIR, splits=splits,
                            shards=shards)
-        return write_manifest(self.path, manifest)
+        path = write_manifest(self.path, manifest)
+        return path if self.mirror.publish_once(MANIFEST_NAME) else None

@@ -51,7 +51,7 @@ def test_download_is_hashed_before_it_lands(bucket, tmp_path):
 def test_errors_name_the_url(bucket, tmp_path, monkeypatch):
     with pytest.raises(CacheNotFoundError, match=f"{bucket}/nothing-here does not exist"):
         remote.read_bytes(f"{bucket}/nothing-here")
-    with pytest.raises(CacheNotFoundError, match="s3://no-such-bucket-x1/k does not exist"):
+    with pytest.raises(CacheNotFoundError, match="s3://no-such-bucket-x1/k: its bucket does not exist"):
         remote.read_bytes("s3://no-such-bucket-x1/k")
     from s3fs import S3FileSystem
 

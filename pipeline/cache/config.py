@@ -6,6 +6,7 @@ from typing import Literal
 
 from pipeline.config_loading import device_problem, need, raise_problems
 from pipeline.data.config import DataConfig
+from storage.mirror import DEFAULT_LOCAL_BYTES
 
 
 @dataclass
@@ -44,7 +45,14 @@ class CacheConfig:
     dir: str | None = None
     """Cache directory. If unset, ``<root>/<fingerprint>`` is used."""
     root: str | None = None
-    """Directory holding caches by fingerprint, shared between experiments."""
+    """Directory holding caches by fingerprint, shared between experiments. ``dir`` and ``root`` may be URLs
+    (``s3://bucket/prefix``, ``gs://...``, any installed fsspec protocol)."""
+    local_dir: str | None = None
+    """Local working directory for caches at URLs: the token store, each shard until it is uploaded, and
+    (for training) the local copies of remote shards. Default: ``<system temp dir>/distillery-<user>``."""
+    local_bytes: int = DEFAULT_LOCAL_BYTES
+    """Byte budget of the local copies of remote shards that training keeps (least recently used go first);
+    used by ``distillery run``'s training stages."""
     format: Literal["arrow", "zarr"] = "arrow"
     """Shard backend: Arrow IPC files or Zarr v3 groups."""
     mode: Literal["topk", "sample", "hybrid"] = "sample"
@@ -73,6 +81,7 @@ class CacheConfig:
             need(not (self.dir and self.root), "dir", "set cache.dir or cache.root, not both"),
             need(bool(self.dir or self.root), "dir", "set cache.dir (a directory) or cache.root (a fingerprint-keyed store)"),
             need(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}"),
+            need(self.local_bytes >= 1, "local_bytes", f"must be >= 1 (bytes), got {self.local_bytes}"),
             need(self.samples >= 1, "samples", f"must be >= 1, got {self.samples}"),
             need(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}"),
             need(self.shard_size >= 1, "shard_size", f"must be >= 1, got {self.shard_size}"),

@@ -15,6 +15,7 @@ from pipeline.hf import load_config_and_tokenizer, max_positions, teacher_identi
 from storage.atomic import ensure_writable
 from storage.formats import get_format
 from storage.manifest import FORMAT_VERSION, Manifest, fingerprint
+from storage.mirror import Mirror, join
 from storage.schema import FIELDS, NARROW_PAD
 from storage.writer import CacheDirectory, ShardPlan, plan_shards, refuse_foreign
 
@@ -30,7 +31,8 @@ class CachePlan:
     width: int
     header: Manifest
     """The manifest without its shards; ``CacheDirectory.assemble`` completes it."""
-    directory: Path
+    directory: Path | str
+    """The cache's location: a local path, or a URL."""
     shards: list[ShardPlan]
 
     @property
@@ -39,7 +41,7 @@ class CachePlan:
 
     @property
     def cache(self) -> CacheDirectory:
-        return CacheDirectory(self.directory, self.fingerprint)
+        return CacheDirectory(Mirror(self.directory, self.job.cache.local_dir), self.fingerprint)
 
 
 def _check_against_model(job: CacheJob, hf_config) -> int:
@@ -108,17 +110,19 @@ def _header(job: CacheJob, hf_config, tokenizer, vocab_size: int, width: int, te
 
 
 def _store_root(job: CacheJob) -> Path:
-    """The directory the user named: the token store lives there, shared by every cache of a ``cache.root``."""
-    return Path(job.cache.dir or job.cache.root)
+    """The directory the user named (its local working copy for a URL): the token store lives there, shared by
+    every cache of a ``cache.root``."""
+    return Mirror(job.cache.dir or job.cache.root, job.cache.local_dir).local
 
 
 def prepare_tokens(job: CacheJob) -> tuple[object, object, int, TokenStore]:
     """Load the teacher's config and tokenizer, check them, and open (or build) the token store of ``job.data``."""
     ensure_writable(_store_root(job), "cache.dir" if job.cache.dir else "cache.root")
     if job.cache.dir:
-        refuse_foreign(Path(job.cache.dir))  # before the token store is written into someone else's folder
+        refuse_foreign(Mirror(job.cache.dir, job.cache.local_dir))  # before the token store goes into someone else's folder
     t = job.teacher
-    hf_config, tokenizer = load_config_and_tokenizer(t.model, t.revision, t.trust_remote_code)
+    hf_config, tokenizer = load_config_and_tokenizer(t.model, t.revision, t.trust_remote_code,
+                                                     local_dir=job.cache.local_dir)
     vocab_size = _check_against_model(job, hf_config)
     store = token_store(_store_root(job), job.data, tokenizer, tokenizer_sha256(tokenizer))
     if store.max_id >= vocab_size:
@@ -130,11 +134,11 @@ def make_plan(job: CacheJob) -> CachePlan:
     """Validate everything that can be checked without the teacher's weights."""
     hf_config, tokenizer, vocab_size, store = prepare_tokens(job)
     width = slot_width(job.cache.mode, job.cache.top_k, job.cache.samples, vocab_size)
-    teacher = teacher_identity(job.teacher.model, job.teacher.revision, hf_config)
+    teacher = teacher_identity(job.teacher.model, job.teacher.revision, hf_config, local_dir=job.cache.local_dir)
     data = data_identity(job.data, store.documents, store.sha256)
     identity = _fingerprint_identity(job, teacher, tokenizer_sha256(tokenizer), data, width)
     header = _header(job, hf_config, tokenizer, vocab_size, width, teacher, data, identity)
-    directory = Path(job.cache.dir) if job.cache.dir else Path(job.cache.root) / header.fingerprint
+    directory = join(job.cache.dir) if job.cache.dir else join(job.cache.root, header.fingerprint)
     sequences = {name: len(s.input_ids) for name, s in store.splits.items()}
     shards = plan_shards(sequences, job.cache.shard_size, get_format(job.cache.format).suffix)
     return CachePlan(job, tokenizer, store.splits, vocab_size, width, header, directory, shards)

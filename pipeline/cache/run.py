@@ -26,9 +26,12 @@ log = get_logger("cache")
 
 @dataclass
 class CacheResult:
-    directory: Path
+    directory: Path | str
+    """The cache's location: a local path, or a URL."""
     hit: bool
     shards_written: int
+    complete: bool
+    """Whether the manifest is written (by this part or another)."""
 
 
 def run_cache(job: CacheJob, num_tasks: int = 1, task_index: int = 0, finalize_only: bool = False) -> CacheResult:
@@ -38,8 +41,8 @@ def run_cache(job: CacheJob, num_tasks: int = 1, task_index: int = 0, finalize_o
     cache = plan.cache
     if cache.is_complete():
         log.info(f"cache hit: {plan.directory} already holds fingerprint {plan.fingerprint}; no teacher work needed")
-        return CacheResult(plan.directory, True, 0)
-    ensure_writable(plan.directory, "cache directory")
+        return CacheResult(plan.directory, True, 0, True)
+    ensure_writable(cache.path, "cache directory")
     cache.claim(to_yaml(job))
     written = 0
     # Under tensor parallelism all ranks of the job run one teacher together: they form one part, rank 0 writes.
@@ -59,7 +62,7 @@ def run_cache(job: CacheJob, num_tasks: int = 1, task_index: int = 0, finalize_o
             if lock is not None:
                 lock.release()
     if not writer:
-        return CacheResult(plan.directory, False, written)
+        return CacheResult(plan.directory, False, written, False)
     missing = cache.missing(plan.shards)
     if missing:
         if finalize_only:
@@ -67,12 +70,12 @@ def run_cache(job: CacheJob, num_tasks: int = 1, task_index: int = 0, finalize_o
                                      f"{missing[:10]}")
         log.info(f"{len(missing)} shards are still being written by other parts; "
                  "the last part to finish writes the manifest")
-        return CacheResult(plan.directory, False, written)
+        return CacheResult(plan.directory, False, written, False)
     if cache.assemble(plan.shards, plan.header, lambda folder: plan.tokenizer.save_pretrained(str(folder))):
         log.info(f"wrote manifest for {len(plan.shards)} shards in {plan.directory}")
     else:
         log.info(f"another part wrote the manifest of {plan.directory} at the same moment")
-    return CacheResult(plan.directory, False, written)
+    return CacheResult(plan.directory, False, written, True)
 
 
 def _write_part(job: CacheJob, plan, part: int, parts: int, writer: bool) -> int:

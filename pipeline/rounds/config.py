@@ -4,17 +4,20 @@ Top-level ``teacher``, ``data``, ``cache``, ``train`` and ``loss`` are the
 defaults; each entry of ``rounds`` may override any of them and must give a
 ``student``. Round 1's teacher is ``teacher.model``; round n's is the final
 student of round n-1 unless the round names ``teacher.model`` itself.
+
+``run.dir`` may be a URL: the run then works in a local copy under ``cache.local_dir`` (``run_mirror``), and
+each round trains into ``<run.dir>/round-N/train``, a URL too, which training mirrors itself.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from pipeline.cache.config import CacheConfig, CacheJob, TeacherConfig
 from pipeline.config_loading import build_config, merge, need, raise_problems
 from pipeline.data.config import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.train.config import TrainJob
+from storage.mirror import Mirror, join
 
 ROUND_KEYS = {"teacher", "data", "cache", "student", "train", "loss"}
 
@@ -22,7 +25,8 @@ ROUND_KEYS = {"teacher", "data", "cache", "student", "train", "loss"}
 @dataclass
 class RunSettings:
     dir: str = ""
-    """Run directory: ``round-N/`` folders, ``state.json``, ``report.md`` and its plots."""
+    """Run directory: ``round-N/`` folders, ``state.json``, ``report.md`` and its plots. May be a URL
+    (``s3://bucket/prefix``): then run one scheduler job per stage at a time, as the locks stay local."""
 
     def __post_init__(self):
         raise_problems(need(bool(self.dir), "dir", "is required (the run directory)"))
@@ -65,8 +69,23 @@ def _round(job: RunJob, index: int) -> dict:
     return entry if isinstance(entry, dict) else {}
 
 
-def round_dir(job: RunJob, index: int) -> Path:
-    return Path(job.run.dir) / f"round-{index}"
+def run_mirror(job: RunJob) -> Mirror:
+    """The run directory, worked on in place, or for a URL in a local copy under ``cache.local_dir``."""
+    return Mirror(job.run.dir, job.cache.local_dir)
+
+
+def round_name(index: int) -> str:
+    return f"round-{index}"
+
+
+def train_dir(job: RunJob, index: int) -> str:
+    """Round ``index``'s ``train.out_dir``: inside the run directory, a URL when ``run.dir`` is one."""
+    return str(join(job.run.dir, round_name(index), "train"))
+
+
+def previous_final(job: RunJob, index: int) -> str:
+    """Where round ``index - 1`` saves its student."""
+    return str(join(train_dir(job, index - 1), "final"))
 
 
 def teacher_of(job: RunJob, index: int) -> str:
@@ -74,7 +93,7 @@ def teacher_of(job: RunJob, index: int) -> str:
     explicit = _round(job, index).get("teacher", {}).get("model")
     if explicit:
         return explicit
-    return job.teacher.model if index == 1 else str(round_dir(job, index - 1) / "train" / "final")
+    return job.teacher.model if index == 1 else previous_final(job, index)
 
 
 def cache_job(job: RunJob, index: int) -> CacheJob:
@@ -85,9 +104,12 @@ def cache_job(job: RunJob, index: int) -> CacheJob:
 
 
 def train_job(job: RunJob, index: int, cache_dir: str) -> TrainJob:
+    """Round ``index``'s training job; it keeps its local copies where the round's cache settings say."""
     entry = _round(job, index)
-    train = merge(merge(job.train, entry.get("train", {})), {"out_dir": str(round_dir(job, index) / "train")})
-    return build_config(TrainJob, {"cache": {"dir": cache_dir}, "student": entry.get("student", {}), "train": train,
+    cache = merge(asdict(job.cache), entry.get("cache", {}))
+    source = {"dir": cache_dir, "local_dir": cache["local_dir"], "local_bytes": cache["local_bytes"]}
+    train = merge(merge(job.train, entry.get("train", {})), {"out_dir": train_dir(job, index)})
+    return build_config(TrainJob, {"cache": source, "student": entry.get("student", {}), "train": train,
                                    "loss": merge(job.loss, entry.get("loss", {})), "device": job.device})
 
 

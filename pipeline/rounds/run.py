@@ -5,6 +5,11 @@ folder per round (``cache.json`` pointing at the shared cache, ``train/``
 with ``final/``), and ``report.md`` with its plots. A stage that is complete
 in ``state.json`` is skipped; an interrupted one resumes, because both
 stages resume by themselves.
+
+``run.dir`` may be a URL. The run then works in a local copy (``cache.local_dir``), uploads ``config.yaml``,
+``state.json`` after every update and each ``cache.json``, and each round's training uploads its own
+``round-N/train``; round n's teacher is downloaded from round n-1's uploaded ``final/``. Stage locks stay
+local: run one scheduler job per stage at a time.
 """
 from __future__ import annotations
 
@@ -18,28 +23,41 @@ from pipeline.config_loading import to_yaml
 from pipeline.dist import world
 from pipeline.errors import ConfigError
 from pipeline.log import get_logger
-from pipeline.rounds.config import RunJob, cache_job, round_dir, teacher_of, train_job
-from pipeline.rounds.state import stage_lock, stage_record, update_stage
+from pipeline.rounds.config import (
+    RunJob,
+    cache_job,
+    previous_final,
+    round_name,
+    run_mirror,
+    teacher_of,
+    train_dir,
+    train_job,
+)
+from pipeline.rounds.state import STATE_NAME, stage_lock, stage_record, update_stage
+from pipeline.train.recipe import final_exists
 from pipeline.train.run import train_from_cache
 from storage.atomic import write_text
 from storage.errors import CacheNotFoundError
-from storage.manifest import MANIFEST_NAME
+from storage.mirror import Mirror, join
 
 STAGES = ("cache", "train")
 log = get_logger("run")
 
 
 def _cache_stage(job: RunJob, index: int, num_tasks: int, task_index: int) -> None:
-    teacher = teacher_of(job, index)
-    if index > 1 and not Path(teacher).is_dir():
+    """Cache round ``index``; a teacher that is the previous round's student must be whole where it was saved."""
+    run, teacher = run_mirror(job), teacher_of(job, index)
+    from_previous = index > 1 and teacher == previous_final(job, index)
+    if from_previous and not final_exists(Mirror(train_dir(job, index - 1), job.cache.local_dir)):
         raise CacheNotFoundError(f"round {index} needs its teacher {teacher}; run round {index - 1}'s train stage first")
-    previous = stage_record(Path(job.run.dir), index, "cache")
+    previous = stage_record(run, index, "cache")
     start = time.perf_counter()
     result = run_cache(cache_job(job, index), num_tasks=num_tasks, task_index=task_index)
     built = previous.get("built", False) or not result.hit
-    complete = (result.directory / MANIFEST_NAME).is_file()
-    write_text(round_dir(job, index) / "cache.json", json.dumps({"dir": str(result.directory)}) + "\n")
-    update_stage(Path(job.run.dir), index, "cache", status="done" if complete else "partial",
+    cache_json = f"{round_name(index)}/cache.json"
+    write_text(run.local / cache_json, json.dumps({"dir": str(result.directory)}) + "\n")
+    run.push(cache_json)
+    update_stage(run, index, "cache", status="done" if result.complete else "partial",
                  dir=str(result.directory), teacher=teacher, hit=not built, built=built,
                  seconds=previous.get("seconds", 0.0) + time.perf_counter() - start)
     how = "built by this run" if built else "hit: reused an existing cache, no teacher work"
@@ -47,40 +65,46 @@ def _cache_stage(job: RunJob, index: int, num_tasks: int, task_index: int) -> No
 
 
 def _train_stage(job: RunJob, index: int) -> None:
-    cache = stage_record(Path(job.run.dir), index, "cache")
+    """Train round ``index``; rank 0 alone records it, as every rank's update would race on another node."""
+    run, main = run_mirror(job), world().is_main
+    cache = stage_record(run, index, "cache")
     if cache.get("status") != "done":
         raise CacheNotFoundError(f"round {index}'s cache is not complete; run its cache stage first")
-    previous = stage_record(Path(job.run.dir), index, "train")
+    previous = stage_record(run, index, "train")
     start = time.perf_counter()
     try:
         final = train_from_cache(train_job(job, index, cache["dir"]))
     finally:  # preempted attempts count toward the stage's wall time too
-        seconds = previous.get("seconds", 0.0) + time.perf_counter() - start
-        update_stage(Path(job.run.dir), index, "train", seconds=seconds)
-    update_stage(Path(job.run.dir), index, "train", status="done", final=str(final))
+        if main:
+            update_stage(run, index, "train", seconds=previous.get("seconds", 0.0) + time.perf_counter() - start)
+    if main:
+        update_stage(run, index, "train", status="done", final=str(final))
 
 
 def run_pipeline(job: RunJob, round_index: int | None = None, stage: str | None = None,
-                 num_tasks: int = 1, task_index: int = 0) -> Path:
-    """Run the selected rounds and stages (all by default), skipping complete work; return the run dir."""
+                 num_tasks: int = 1, task_index: int = 0) -> Path | str:
+    """Run the selected rounds and stages (all by default), skipping complete work; return ``run.dir``."""
     if round_index is not None and not 1 <= round_index <= job.round_count():
         raise ConfigError(f"--round {round_index} is outside 1..{job.round_count()}, the rounds of this run's config")
-    run_dir = Path(job.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", to_yaml(job))
+    run = run_mirror(job)
+    run.local.mkdir(parents=True, exist_ok=True)
+    run.pull(STATE_NAME)  # what other jobs recorded
     rank = world().rank
+    if rank == 0:
+        write_text(run.local / "config.yaml", to_yaml(job))
+        run.push("config.yaml")
     rounds = [round_index] if round_index else range(1, job.round_count() + 1)
     for index in rounds:
         if stage == "prepare":  # not a stage of state.json: the cache stage reuses (or rebuilds) the store itself
             log.info(f"round {index}: token store {prepare_tokens(cache_job(job, index))[3].directory}")
             continue
         for name in [stage] if stage else STAGES:
-            if stage_record(run_dir, index, name).get("status") == "done":
+            if stage_record(run, index, name).get("status") == "done":
                 log.info(f"round {index} {name}: complete, skipped")
                 continue
             log.info(f"==== round {index}/{job.round_count()}: {name} ====")
             part = f"{task_index}-{rank}" if name == "cache" else "0"
-            lock = round_dir(job, index) / f".{name}.{part}.lock"
+            lock = run.local / round_name(index) / f".{name}.{part}.lock"
             if name == "train" and rank != 0:
                 _train_stage(job, index)  # torchrun ranks > 0 follow rank 0, which holds the lock
                 continue
@@ -89,4 +113,4 @@ def run_pipeline(job: RunJob, round_index: int | None = None, stage: str | None 
                     _cache_stage(job, index, num_tasks, task_index)
                 else:
                     _train_stage(job, index)
-    return run_dir
+    return join(job.run.dir)

@@ -5,6 +5,11 @@ cache hit, wall time). It is rewritten atomically under a short ``flock``.
 A stage lock is a file created exclusively that names its holder
 (host, pid, start time); a lock whose holder process is gone from this host
 is stale and is taken over.
+
+For a run directory at a URL, both live in its local working copy: every update downloads ``state.json``,
+merges into it and uploads it, but two jobs on two nodes can still overwrite each other's update, and neither
+sees the other's stage lock. So a run on object storage needs one scheduler job per stage at a time (a stage
+whose record was lost is redone by a rerun: a cache hit, or a training resume).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError
 from storage.atomic import write_text
+from storage.mirror import Mirror
 
 STATE_NAME = "state.json"
 
@@ -26,17 +32,18 @@ class LockHeldError(RuntimeError):
     """Another live process holds the stage."""
 
 
-def read_state(run_dir: Path) -> dict:
-    path = run_dir / STATE_NAME
+def read_state(run: Mirror) -> dict:
+    """The working copy's ``state.json`` (``pull`` it first to see other jobs' updates)."""
+    path = run.local / STATE_NAME
     if not path.is_file():
         return {"rounds": {}}
     redo = "delete it to redo every stage (complete caches are reused, training resumes from its checkpoints)"
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc}); {redo}") from None
+        raise ConfigError(f"{run.where(STATE_NAME)} is not valid JSON ({exc}); {redo}") from None
     if not isinstance(state, dict) or not isinstance(state.get("rounds"), dict):
-        raise ConfigError(f"{path} holds no mapping of rounds; {redo}")
+        raise ConfigError(f"{run.where(STATE_NAME)} holds no mapping of rounds; {redo}")
     return state
 
 
@@ -50,18 +57,20 @@ def _state_mutex(run_dir: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def update_stage(run_dir: Path, round_index: int, stage: str, **fields) -> dict:
-    """Merge ``fields`` into the record of one stage and rewrite ``state.json`` atomically."""
-    with _state_mutex(run_dir):
-        state = read_state(run_dir)
+def update_stage(run: Mirror, round_index: int, stage: str, **fields) -> dict:
+    """Merge ``fields`` into the record of one stage and rewrite ``state.json`` atomically (and upload it)."""
+    with _state_mutex(run.local):
+        run.pull(STATE_NAME)
+        state = read_state(run)
         record = state["rounds"].setdefault(str(round_index), {}).setdefault(stage, {})
         record.update(fields)
-        write_text(run_dir / STATE_NAME, json.dumps(state, indent=2) + "\n")
+        write_text(run.local / STATE_NAME, json.dumps(state, indent=2) + "\n")
+        run.push(STATE_NAME)
     return record
 
 
-def stage_record(run_dir: Path, round_index: int, stage: str) -> dict:
-    return read_state(run_dir)["rounds"].get(str(round_index), {}).get(stage, {})
+def stage_record(run: Mirror, round_index: int, stage: str) -> dict:
+    return read_state(run)["rounds"].get(str(round_index), {}).get(stage, {})
 
 
 def _alive(pid: int) -> bool:

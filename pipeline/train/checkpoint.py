@@ -9,6 +9,11 @@ last, ``state.json``: step, tokens, samples consumed, strategy, world size,
 global batch, the size and sha256 of every other file, and ``state_sha256``,
 its seal. The directory appears under its final name only when complete, and
 ``open_checkpoint`` checks all of it before anything is loaded.
+
+When ``train.out_dir`` is a URL, checkpoints are written into its local working copy as above, then uploaded
+by rank 0 with ``state.json`` last (``publish_checkpoint``): a checkpoint at the destination is complete exactly
+when its ``state.json`` is there. Rank 0 hashes every rank's files, so the ranks of a multi-node job must share
+the working copy (``cache.local_dir`` on a shared filesystem), as they must share a local ``out_dir``.
 """
 from __future__ import annotations
 
@@ -25,7 +30,9 @@ from pipeline.dist import World, barrier, broadcast_text
 from pipeline.errors import CheckpointError
 from storage.atomic import atomic_write, remove_path
 from storage.manifest import file_sha256, read_sealed, with_seal
+from storage.mirror import Mirror
 
+CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_NAME, STATE_SEAL = "state.json", "state_sha256"
 SCHEDULER_NAME, RNG_NAME = "scheduler.pt", "rng.pt"
@@ -114,6 +121,17 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, state: dict, keep: 
         for old in checkpoint_dirs(root)[:-keep]:
             remove_path(old)
     return path
+
+
+def publish_checkpoint(out: Mirror, path: Path) -> None:
+    """Upload the complete local checkpoint ``path`` of ``out``'s working copy, ``state.json`` last, then delete
+    the destination's checkpoints that local pruning removed (or set aside as damaged); rank 0 only."""
+    out.push(f"{CHECKPOINTS}/{path.name}", last=(STATE_NAME,))
+    kept = {p.name for p in checkpoint_dirs(out.local / CHECKPOINTS)}
+    for name in out.names(CHECKPOINTS):
+        if STEP_DIR.match(name) and name not in kept:  # its seal first: a half-deleted one never looks complete
+            out.remove(f"{CHECKPOINTS}/{name}/{STATE_NAME}")
+            out.remove(f"{CHECKPOINTS}/{name}")
 
 
 def _reason(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ from typing import Literal
 from pipeline.config_loading import build_config, device_problem, merge, need, raise_problems
 from pipeline.data.config import DataConfig
 from pipeline.errors import ConfigError
+from storage.mirror import DEFAULT_LOCAL_BYTES
 
 
 @dataclass
@@ -20,10 +21,17 @@ class SourceConfig:
     """Verify every shard's sha256 once, before the first step (each rank hashes its share)."""
     shuffle_buffer: int = 1024
     """Sequences shuffled together; the reader holds only the shards one buffer touches."""
+    local_dir: str | None = None
+    """Where local copies of the shards of a cache at a URL go, downloaded on first use and shared by every
+    rank and job of a node; and the working copy of a ``train.out_dir`` URL. Default:
+    ``<system temp dir>/distillery-<user>``."""
+    local_bytes: int = DEFAULT_LOCAL_BYTES
+    """Byte budget of those shard copies; least recently used shards are deleted to stay within it."""
 
     def __post_init__(self):
         raise_problems(need(bool(self.dir), "dir", "is required: the cache directory to train on"),
-                       need(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1"))
+                       need(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1"),
+                       need(self.local_bytes >= 1, "local_bytes", "must be >= 1 (bytes)"))
 
 
 @dataclass
@@ -98,7 +106,8 @@ class PhaseConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = ""
-    """Output directory: ``checkpoints/``, ``metrics.jsonl``, ``config.yaml``, ``final/``."""
+    """Output directory: ``checkpoints/``, ``metrics.jsonl``, ``config.yaml``, ``final/``. A URL is worked on
+    in a local copy under ``cache.local_dir`` and uploaded: each checkpoint once complete, ``final/`` at the end."""
     steps: int = 100
     """Optimizer steps (ignored when ``phases`` is set: their steps add up)."""
     batch_size: int = 8

@@ -20,8 +20,8 @@ from pipeline.dist import World, all_reduce_sum
 from pipeline.hf import LogitHead, hidden_states
 from pipeline.train.losses import cross_entropy, dense_forward_kl, kd_loss
 from pipeline.train.step import LossFacts, labels_and_masks
-from storage.manifest import read_manifest
 from storage.reader import sequential_batches
+from storage.remote_shards import open_cache
 
 ECE_BINS = 15
 
@@ -133,9 +133,10 @@ def evaluate(engine, head: LogitHead, batches: Iterator[dict[str, torch.Tensor]]
 
 
 @torch.no_grad()
-def score_against_teacher(student_dir: Path, teacher_dir: Path, cache_dir: Path, batch_size: int = 8,
-                          max_batches: int | None = None) -> dict:
-    """Metrics of a saved student against a live teacher, on a cache's eval split.
+def score_against_teacher(student_dir: Path, teacher_dir: Path, cache_dir: str | Path, batch_size: int = 8,
+                          max_batches: int | None = None, local_dir: str | Path | None = None) -> dict:
+    """Metrics of a saved student against a live teacher, on a cache's eval split (``cache_dir`` may be a URL,
+    read through copies under ``local_dir``).
 
     Every student, whatever it was trained on, is measured the same way:
     ``kl`` over the whole vocabulary, ``top1`` against the teacher's argmax.
@@ -144,10 +145,11 @@ def score_against_teacher(student_dir: Path, teacher_dir: Path, cache_dir: Path,
 
     student = AutoModelForCausalLM.from_pretrained(str(student_dir)).eval()
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir)).eval()
-    real_vocab = read_manifest(cache_dir).tokenizer_length
+    manifest = open_cache(cache_dir, local_dir)
+    real_vocab = manifest.tokenizer_length
     s_head, t_head = LogitHead.of(student), LogitHead.of(teacher)
     metrics = HeldOutMetrics()
-    for index, batch in enumerate(sequential_batches(cache_dir, "eval", batch_size)):
+    for index, batch in enumerate(sequential_batches(manifest, "eval", batch_size)):
         if max_batches is not None and index >= max_batches:
             break
         labels, kd_mask, ce_mask = (t.reshape(-1) for t in labels_and_masks(batch))

@@ -17,6 +17,8 @@ import torch
 from pipeline.dist import World, all_gather_rows
 from storage.atomic import is_disk_full, no_space, write_text
 
+METRICS_NAME = "metrics.jsonl"
+
 
 class MetricsLog:
     """``metrics.jsonl``: one JSON record per line; on resume, records after the checkpoint are dropped."""

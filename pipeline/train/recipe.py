@@ -6,6 +6,14 @@ normalised by those global counts (gradients are reduced over ranks by DDP or
 FSDP2 on the last micro-batch only), clips, and steps AdamW and the warmup +
 cosine schedule. Evaluation, metrics and checkpoints happen between steps; the
 final student is saved with ``save_pretrained``.
+
+``train.out_dir`` may be a URL (``s3://bucket/prefix``, any fsspec protocol): the job then works in a local
+copy under ``cache.local_dir`` and uploads each piece once it is complete: ``config.yaml`` and
+``metrics.jsonl``, then each checkpoint with its ``state.json`` last, and at the end ``final/`` with its
+``config.json`` last, so that a destination holding ``final/config.json`` holds the whole student. A job that
+finds a checkpoint only the destination has (a requeue on another node) downloads it and resumes. The
+``out_dir`` lock stays local, so nothing stops two jobs on two nodes training into one URL: let the scheduler
+run one job per ``out_dir`` at a time.
 """
 from __future__ import annotations
 
@@ -21,10 +29,10 @@ from pipeline import preempt
 from pipeline.dist import all_reduce_sum, any_rank, barrier, init_process_group, world
 from pipeline.hf import LogitHead, load_model, resolve_device
 from pipeline.log import get_logger, progress_bars
-from pipeline.train.checkpoint import restore_rng, save_checkpoint
+from pipeline.train.checkpoint import CHECKPOINTS, publish_checkpoint, restore_rng, save_checkpoint
 from pipeline.train.config import LiveTeacherConfig, Phase, StudentConfig, TrainConfig
 from pipeline.train.evaluate import evaluate
-from pipeline.train.metrics import DataWait, MetricsLog, chain_samples
+from pipeline.train.metrics import METRICS_NAME, DataWait, MetricsLog, chain_samples
 from pipeline.train.parallel import full_state_dict, gradient_scale, gradient_sync, resolve_strategy, wrap
 from pipeline.train.resume import result_settings, resume_checkpoint
 from pipeline.train.schedule import lr_at, phase_at
@@ -34,21 +42,32 @@ from pipeline.train.student import build_student
 from storage.atomic import atomic_write, ensure_writable, remove_stale_temporaries, write_text
 from storage.errors import DirectoryInUseError
 from storage.locks import DirectoryLock
+from storage.mirror import Mirror, join
 from storage.stream import StreamOrder, StreamState
 
 log = get_logger("train")
+FINAL, FINAL_LAST, CONFIG_NAME = "final", "config.json", "config.yaml"
+"""``final/`` is uploaded with ``config.json`` last (a folder without one does not load as a model anyway)."""
+
+
+def final_exists(out: Mirror) -> bool:
+    """Whether ``out``'s destination holds a whole ``final/``: a killed upload lacks its last file."""
+    return out.exists(f"{FINAL}/{FINAL_LAST}")
 
 
 class TrainingRecipe:
     """Train (or resume) a student on a ``BatchSource`` and save it to ``<out_dir>/final``."""
 
     def __init__(self, source: BatchSource, order: StreamOrder, student: StudentConfig, train: TrainConfig,
-                 phases: list[Phase], device: str, config_yaml: str, live_teacher: LiveTeacherConfig | None = None):
+                 phases: list[Phase], device: str, config_yaml: str, live_teacher: LiveTeacherConfig | None = None,
+                 local_dir: str | None = None):
         self.source, self.order, self.student_cfg, self.cfg, self.phases = source, order, student, train, phases
-        self.device_name, self.config_yaml = device, config_yaml
+        self.device_name, self.config_yaml, self.local_dir = device, config_yaml, local_dir
         self.live_cfg = live_teacher or LiveTeacherConfig()
-        self.out = Path(train.out_dir)
-        self.final = self.out / "final"
+        self.mirror = Mirror(train.out_dir, local_dir)
+        self.out = self.mirror.local
+        self.final = self.out / FINAL
+        self.result = join(train.out_dir, FINAL)  # where the student ends up: ``final`` itself, or its URL
         self.lock = DirectoryLock(self.out)
         self.total = sum(p.steps for p in phases)
 
@@ -74,21 +93,21 @@ class TrainingRecipe:
         self.step, self.tokens, self.samples_sha256 = 0, 0, ""
         found = None
         if self.cfg.resume == "auto":
-            found = resume_checkpoint(self.out / "checkpoints", self.order, result_settings(self.config_yaml),
+            found = resume_checkpoint(self.mirror, self.order, result_settings(self.config_yaml),
                                       self.model, self.optimizer, self.scheduler, self.world)
         if found:
             state = found.state
             self.step, self.tokens, self.samples_sha256 = state["step"], state["tokens"], state["samples_sha256"]
             log.info(f"resumed from {found.path} at step {self.step} ({state['world_size']} -> {self.world.size} ranks)")
         if self.world.is_main:  # only now: a refused job must not leave its config beside another run's checkpoints
-            write_text(self.out / "config.yaml", self.config_yaml)
+            write_text(self.out / CONFIG_NAME, self.config_yaml)
         if self.complete:
             return
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", self.step, self.world.is_main)
+        self.metrics = MetricsLog(self.out / METRICS_NAME, self.step, self.world.is_main)
         paths = {p.loss.teacher_live for p in self.phases if p.loss.teacher_live}
         c = self.live_cfg
         self.live = {path: load_model(path, self.device, c.dtype, c.revision, c.trust_remote_code,
-                                      key="loss.teacher_live") for path in paths}
+                                      key="loss.teacher_live", local_dir=self.local_dir) for path in paths}
         self.stream = self.source.stream(StreamState(self.step * self.order.global_batch))
         if found:
             restore_rng(found)
@@ -101,7 +120,7 @@ class TrainingRecipe:
             ensure_writable(self.out, "train.out_dir")
             try:
                 self.lock.acquire("train.out_dir")
-                for directory in (self.out, self.out / "checkpoints"):  # left by a killed job; this one owns them
+                for directory in (self.out, self.out / CHECKPOINTS):  # left by a killed job; this one owns them
                     remove_stale_temporaries(directory)
             except DirectoryInUseError as exc:
                 held_elsewhere = exc
@@ -114,7 +133,7 @@ class TrainingRecipe:
 
     @property
     def complete(self) -> bool:
-        return self.step >= self.total and self.final.is_dir()
+        return self.step >= self.total and final_exists(self.mirror)
 
     def train_step(self, phase: Phase) -> tuple[float, float, int]:
         """One optimizer step; returns (global mean loss, learning rate used, tokens of all ranks)."""
@@ -169,24 +188,39 @@ class TrainingRecipe:
                  "samples_sha256": self.samples_sha256, "strategy": self.strategy, "world_size": o.world_size,
                  "global_batch": o.global_batch, "batch_size": o.batch_size, "grad_accum": o.grad_accum,
                  "settings": result_settings(self.config_yaml)}
-        save_checkpoint(self.out / "checkpoints", self.model, self.optimizer, self.scheduler, state,
-                        self.cfg.keep_checkpoints, self.world)
+        path = save_checkpoint(self.out / CHECKPOINTS, self.model, self.optimizer, self.scheduler, state,
+                               self.cfg.keep_checkpoints, self.world)
+        if self.world.is_main:
+            self._push_records()
+            publish_checkpoint(self.mirror, path)
+        barrier(self.world)
+
+    def _push_records(self) -> None:
+        """Upload ``config.yaml`` and ``metrics.jsonl`` before what they go with: the destination's records then
+        always reach its newest checkpoint, and a resume drops those after it."""
+        for name in (CONFIG_NAME, METRICS_NAME):
+            if (self.out / name).is_file():
+                self.mirror.push(name)
 
     def save_final(self) -> None:
         """The student as a plain ``save_pretrained`` folder with the cache's tokenizer (gathered on rank 0)."""
         weights = full_state_dict(self.model, self.strategy)
         if self.world.is_main:
+            self.mirror.remove(FINAL)  # an older student (before train.steps grew) must not look complete meanwhile
             with atomic_write(self.final) as tmp:
                 self.model.save_pretrained(str(tmp), state_dict=weights, safe_serialization=True)
                 self.source.tokenizer.save_pretrained(str(tmp))
-            log.info(f"saved the student to {self.final}")
+            self._push_records()
+            self.mirror.push(FINAL, last=(FINAL_LAST,))
+            log.info(f"saved the student to {self.result}")
         barrier(self.world)
 
-    def train(self) -> Path:
-        """Run the remaining steps with evaluation, metrics, checkpoints and preemption; return ``final``."""
+    def train(self) -> Path | str:
+        """Run the remaining steps with evaluation, metrics, checkpoints and preemption; return where ``final``
+        is (a URL for a URL ``out_dir``)."""
         if self.complete:
-            log.info(f"{self.final} is complete; nothing to do")
-            return self.final
+            log.info(f"{self.result} is complete; nothing to do")
+            return self.result
         cfg = self.cfg
         progress = tqdm(total=self.total, initial=self.step, desc="train", unit="step", file=sys.stderr,
                         disable=not (self.world.is_main and progress_bars()))
@@ -210,8 +244,8 @@ class TrainingRecipe:
                 self.save_checkpoint()
             if stop:
                 progress.close()
-                raise preempt.Preempted(f"checkpointed at step {self.step} in {self.out / 'checkpoints'}; "
+                raise preempt.Preempted(f"checkpointed at step {self.step} in {self.mirror.where(CHECKPOINTS)}; "
                                         "rerun to resume")
         progress.close()
         self.save_final()
-        return self.final
+        return self.result

@@ -5,9 +5,14 @@ A damaged checkpoint (a file that fails the size or sha256 in its
 load) is never used: the next older one is tried, and the warning names both.
 A checkpoint records the settings it was trained with. Keys that only change
 how a run is observed or spread (logging, evaluation and checkpoint cadence,
-DataLoader workers, device, strategy, and the split of the global batch into
-ranks, micro-batches and accumulation) may differ on resume; any other change
-would silently continue one run under another's settings, so it is refused.
+DataLoader workers, device, strategy, the split of the global batch into
+ranks, micro-batches and accumulation, and where local copies go) may differ
+on resume; any other change would silently continue one run under another's
+settings, so it is refused.
+
+For a ``train.out_dir`` at a URL, the destination's complete checkpoints (those whose ``state.json``, uploaded
+last, is there) are candidates too: one that the local working copy lacks (a requeue on another node, a deleted
+working copy) is downloaded when its turn comes, with ``metrics.jsonl``, so that the records continue.
 """
 from __future__ import annotations
 
@@ -16,11 +21,21 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.dist import World, any_rank
+from pipeline.dist import World, any_rank, barrier, broadcast_text
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.log import get_logger
-from pipeline.train.checkpoint import Checkpoint, checkpoint_dirs, load_checkpoint, open_checkpoint
+from pipeline.train.checkpoint import (
+    CHECKPOINTS,
+    STATE_NAME,
+    STEP_DIR,
+    Checkpoint,
+    checkpoint_dirs,
+    load_checkpoint,
+    open_checkpoint,
+)
+from pipeline.train.metrics import METRICS_NAME
 from storage.atomic import remove_path
+from storage.mirror import Mirror
 from storage.stream import StreamOrder
 
 DAMAGED_SUFFIX = ".damaged"
@@ -28,7 +43,8 @@ log = get_logger("train")
 
 FREE_ON_RESUME = {"train.log_every", "train.eval_every", "train.eval_batches", "train.num_workers", "train.strategy",
                   "train.batch_size", "train.grad_accum", "train.checkpoint_every", "train.keep_checkpoints",
-                  "train.resume", "train.out_dir", "device", "cache.verify", "data.num_proc", "data.streaming"}
+                  "train.resume", "train.out_dir", "device", "cache.verify", "cache.local_dir", "cache.local_bytes",
+                  "data.num_proc", "data.streaming"}
 """Keys that may change between a checkpoint and its resume (the global batch is checked on its own)."""
 
 
@@ -81,20 +97,44 @@ def _open_on_every_rank(path: Path, here: World) -> Checkpoint:
 def _set_aside(damaged: list[Path], here: World) -> None:
     """Rename damaged checkpoints out of the step-NNNNNNNN names, so that pruning never keeps them over good ones."""
     if here.is_main:
-        for path in damaged:
+        for path in (p for p in damaged if p.is_dir()):  # a download that found nothing left no copy to rename
             aside = path.with_name(path.name + DAMAGED_SUFFIX)
             remove_path(aside)
             path.rename(aside)
 
 
-def resume_checkpoint(root: Path, order: StreamOrder, settings: dict[str, str], model, optimizer, scheduler,
+def _candidates(out: Mirror, here: World) -> list[str]:
+    """Checkpoint names, newest first: the working copy's, and the destination's complete ones (as rank 0 sees
+    them, so that every rank tries the same)."""
+    names = ""
+    if here.is_main:
+        local = {p.name for p in checkpoint_dirs(out.local / CHECKPOINTS)}
+        held = {n for n in out.names(CHECKPOINTS) if STEP_DIR.match(n) and n not in local
+                and out.exists(f"{CHECKPOINTS}/{n}/{STATE_NAME}")}
+        names = json.dumps(sorted(local | held, reverse=True))
+    return json.loads(broadcast_text(names, here))
+
+
+def _local_copy(out: Mirror, name: str, here: World) -> bool:
+    """Rank 0 downloads the checkpoint ``name`` when only the destination holds it; True when it did."""
+    pulled = here.is_main and not (out.local / CHECKPOINTS / name).is_dir()
+    if pulled:
+        log.info(f"downloading checkpoint {out.where(f'{CHECKPOINTS}/{name}')}")
+        out.pull(f"{CHECKPOINTS}/{name}")
+    barrier(here)
+    return pulled
+
+
+def resume_checkpoint(out: Mirror, order: StreamOrder, settings: dict[str, str], model, optimizer, scheduler,
                       here: World) -> Checkpoint | None:
-    """Load the newest usable checkpoint under ``root`` into the model, optimizer and schedule and return it; None
+    """Load the newest usable checkpoint of ``out`` into the model, optimizer and schedule and return it; None
     when there is none. Damaged ones are skipped with a warning (and renamed ``*.damaged``); when every one is
     damaged, ``CheckpointError`` names them all. A checkpoint of other settings is refused, never skipped."""
-    candidates = checkpoint_dirs(root)[::-1]
+    root = out.local / CHECKPOINTS
+    candidates = [root / name for name in _candidates(out, here)]
     problems = []
     for index, path in enumerate(candidates):
+        pulled = _local_copy(out, path.name, here)
         try:
             checkpoint = _open_on_every_rank(path, here)
             check_resumable(path, checkpoint.state, order, settings)
@@ -106,8 +146,10 @@ def resume_checkpoint(root: Path, order: StreamOrder, settings: dict[str, str], 
             log.warning(f"{problem}; falling back to the previous complete checkpoint {path} (this one is kept as "
                         f"{damaged.name}{DAMAGED_SUFFIX})")
         _set_aside(candidates[:index], here)
+        if pulled:  # the working copy's records may be older than the checkpoint, or gone
+            out.pull(METRICS_NAME)
         return checkpoint
     if problems:
-        raise CheckpointError(f"no usable checkpoint in {root}: {'; '.join(problems)}; set train.resume=never to "
-                              "start over, or train into a new train.out_dir")
+        raise CheckpointError(f"no usable checkpoint in {out.where(CHECKPOINTS)}: {'; '.join(problems)}; set "
+                              "train.resume=never to start over, or train into a new train.out_dir")
     return None

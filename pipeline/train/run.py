@@ -31,7 +31,7 @@ def _stream_order(train: TrainConfig, shuffle_buffer: int) -> StreamOrder:
     return StreamOrder(train.batch_size, train.seed, shuffle_buffer, here.rank, here.size, train.grad_accum)
 
 
-def _run(recipe: TrainingRecipe) -> Path:
+def _run(recipe: TrainingRecipe) -> Path | str:
     try:
         recipe.setup()
         return recipe.train()
@@ -39,18 +39,19 @@ def _run(recipe: TrainingRecipe) -> Path:
         recipe.close()
 
 
-def train_from_cache(job: TrainJob) -> Path:
-    """Distil a student from the cached soft targets in ``job.cache.dir``."""
+def train_from_cache(job: TrainJob) -> Path | str:
+    """Distil a student from the cached soft targets in ``job.cache.dir``; return where its ``final/`` is (a URL
+    when ``train.out_dir`` is one, whose working copy goes under ``cache.local_dir``)."""
     order = _stream_order(job.train, job.cache.shuffle_buffer)
-    source = cache_source(job.cache.dir, job.cache.eval_dir, order, job.cache.verify, job.train.num_workers)
+    source = cache_source(job.cache, order, job.train.num_workers)
     phases = resolve_phases(job.train, job.loss)
     _check_retempering(source, phases, job.cache.dir)
     recipe = TrainingRecipe(source, order, job.student, job.train, phases, job.device, to_yaml(job),
-                            job.live_teacher)
+                            job.live_teacher, job.cache.local_dir)
     return _run(recipe)
 
 
-def pretrain(job: PretrainJob) -> Path:
+def pretrain(job: PretrainJob) -> Path | str:
     """Train a model with cross-entropy on raw text (the demo teacher, or a CE-only baseline)."""
     from transformers import AutoTokenizer
 

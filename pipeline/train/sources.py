@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,9 +18,11 @@ from pipeline.data.pack import PackedSplit
 from pipeline.dist import world
 from pipeline.errors import DataError
 from pipeline.log import get_logger
+from pipeline.train.config import SourceConfig
 from storage.errors import CacheError, ChecksumError
-from storage.manifest import Manifest, ShardRecord, read_manifest
+from storage.manifest import Manifest, ShardRecord
 from storage.reader import SoftTargetStream, sequential_batches, to_tensors
+from storage.remote_shards import open_cache
 from storage.stream import StreamOrder, StreamState, iterate_batches
 
 Batch = dict[str, torch.Tensor]
@@ -60,36 +61,37 @@ def _check_shards(manifest: Manifest, records: list[ShardRecord]) -> None:
     problems = manifest.verify(records[here.rank :: here.size])
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ChecksumError(f"cache {manifest.directory} is damaged: {problems[0]}{more}; nothing was trained: run "
-                            f"`distillery verify {manifest.directory}` and rebuild the cache")
+        raise ChecksumError(f"cache {manifest.location} is damaged: {problems[0]}{more}; nothing was trained: run "
+                            f"`distillery verify {manifest.location}` and rebuild the cache")
 
 
-def _manifest(key: str, directory: str) -> Manifest:
+def _manifest(key: str, source: SourceConfig, location: str) -> Manifest:
     """The manifest of the cache that the setting ``key`` names; its errors name the key."""
     try:
-        return read_manifest(directory)
+        return open_cache(location, source.local_dir, source.local_bytes)
     except CacheError as exc:
         raise type(exc)(f"{key}: {exc}") from None
 
 
-def cache_source(cache_dir: str, eval_dir: str | None, order: StreamOrder, verify: bool,
-                 num_workers: int) -> BatchSource:
-    """Batches of a finished cache's train split; held-out batches from ``eval_dir`` (default: the same cache)."""
+def cache_source(source: SourceConfig, order: StreamOrder, num_workers: int) -> BatchSource:
+    """Batches of a finished cache's train split; held-out batches from ``cache.eval_dir`` (default: the same
+    cache). A cache at a URL is read through local copies of its shards (``cache.local_dir``)."""
     from transformers import AutoTokenizer
 
-    manifest = _manifest("cache.dir", cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(Path(cache_dir) / manifest.tokenizer_dir))
+    manifest = _manifest("cache.dir", source, source.dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(manifest.folder(manifest.tokenizer_dir)))
 
-    # With ``verify``, every shard is hashed once below, before the first step; the readers do not hash again
-    # (they would at every resume, and eval would at every evaluation).
+    # With ``cache.verify``, every shard is hashed once below, before the first step; the readers do not hash
+    # again (they would at every resume, and eval would at every evaluation).
     def stream(start: StreamState) -> Iterator[Batch]:
-        dataset = SoftTargetStream(cache_dir, order, start=start, verify=False)
+        dataset = SoftTargetStream(manifest, order, start=start, verify=False)
         return iter(DataLoader(dataset, batch_size=None, num_workers=num_workers))
 
-    SoftTargetStream(cache_dir, order, verify=False)  # fails early when the global batch exceeds the split
-    held_out = eval_dir or cache_dir
-    held_out_manifest = _manifest("cache.eval_dir" if eval_dir else "cache.dir", held_out)
-    if verify:
+    SoftTargetStream(manifest, order, verify=False)  # fails early when the global batch exceeds the split
+    eval_dir = source.eval_dir
+    held_out_manifest = _manifest("cache.eval_dir", source, eval_dir) if eval_dir else manifest
+    held_out = held_out_manifest.location
+    if source.verify:
         _check_shards(manifest, manifest.shards_for("train") if eval_dir else manifest.shards)
         if eval_dir:
             _check_shards(held_out_manifest, held_out_manifest.shards_for("eval"))
@@ -98,7 +100,8 @@ def cache_source(cache_dir: str, eval_dir: str | None, order: StreamOrder, verif
         log.warning(f"{held_out} has no eval shards; evaluation is skipped")
     return BatchSource(
         stream=stream,
-        eval_batches=(lambda: sequential_batches(held_out, "eval", order.batch_size, False)) if has_eval else None,
+        eval_batches=(lambda: sequential_batches(held_out_manifest, "eval", order.batch_size, False)) if has_eval
+        else None,
         tokenizer=tokenizer,
         vocab_size=manifest.vocab_size,
         real_vocab=manifest.tokenizer_length,
