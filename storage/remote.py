@@ -60,6 +60,17 @@ def naming(url: str, what: str):
         raise RemoteStorageError(f"{url}: could not {what} ({first})") from exc
 
 
+def _is_s3(fs) -> bool:
+    return fs.protocol[0] in ("s3", "s3a")
+
+
+def _make_parent(fs, path: str) -> None:
+    """File systems with folders (``file://``, ...) need the parent before a write; on S3 a prefix needs nothing
+    (and s3fs's ``makedirs`` would create a missing bucket instead of reporting it)."""
+    if not _is_s3(fs):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+
+
 def _bucket_key(path: str) -> tuple[str, str]:
     bucket, _, key = path.partition("/")
     return bucket, key
@@ -101,7 +112,8 @@ def upload_file(local: Path, url: str) -> None:
     fs, path = open_fs(url)
     size = local.stat().st_size
     with naming(url, "upload"):
-        expected = _s3_upload(fs, path, local, size) if fs.protocol[0] in ("s3", "s3a") else fs.put_file(str(local), path)
+        _make_parent(fs, path)
+        expected = _s3_upload(fs, path, local, size) if _is_s3(fs) else fs.put_file(str(local), path)
         if fs.info(path)["size"] != size:
             raise ChecksumError(f"{url} holds {fs.info(path)['size']} bytes after uploading {size}; rerun to retry")
         reported = _reported_sha256(fs, path) if expected else None
@@ -120,6 +132,7 @@ def create_exclusive(url: str, data: bytes) -> bool:
     """Write ``data`` to ``url`` only if nothing is there (``If-None-Match: *`` on S3); False when something is."""
     fs, path = open_fs(url)
     with naming(url, "create"):
+        _make_parent(fs, path)
         try:
             fs.pipe_file(path, data, mode="create")
         except FileExistsError:
@@ -184,7 +197,7 @@ def measure(url: str) -> tuple[int, str] | None:
         files = _files_under(fs, path)
         size = sum(s for _, s in files)
         if files == [("", size)]:
-            reported = _reported_sha256(fs, path) if fs.protocol[0] in ("s3", "s3a") else None
+            reported = _reported_sha256(fs, path) if _is_s3(fs) else None
             if reported and "-" not in reported:
                 return size, base64.b64decode(reported).hex()
             return size, _stream_sha256(fs, path).hexdigest()

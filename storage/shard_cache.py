@@ -85,6 +85,7 @@ class ShardCache:
             self._last = None  # shared lock of the entry fetched last
             self._thread = self._stop = None
             self._busy = False  # the prefetch thread is downloading
+            self._fetching = threading.Lock()
             (self.directory / LOCKS).mkdir(parents=True, exist_ok=True)
         return self._mutex
 
@@ -95,9 +96,10 @@ class ShardCache:
             raise ShardCacheFullError(f"cache.local_bytes {self.budget} is smaller than shard {url} ({size} bytes); "
                                       "raise cache.local_bytes")
         self._local()
-        if not entry.exists():
-            self._give_up_prefetched(sha256)  # a read that prefetching did not foresee: its guesses may go
-        handle = self._acquire(url, sha256, size, entry, required=True)
+        with self._fetching:  # two readers of one process (training and evaluation) download one at a time
+            if not entry.exists():
+                self._give_up_prefetched(sha256)  # a read that prefetching did not foresee: its guesses may go
+            handle = self._acquire(url, sha256, size, entry, required=True)
         os.utime(entry)  # most recently used: the last entry anyone evicts
         with self._mutex:
             self._wanted.discard(sha256)

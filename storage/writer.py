@@ -154,9 +154,10 @@ class CacheDirectory:
         if self.mirror.pull(IDENTITY_NAME):
             self._check_claim()
         write_json(self.path / IDENTITY_NAME, {"fingerprint": self.fingerprint})
-        if not self.mirror.publish_once(IDENTITY_NAME):  # another part claimed the remote cache meanwhile
-            self.mirror.pull(IDENTITY_NAME)
-            self._check_claim()
+        self.mirror.publish_once(IDENTITY_NAME)
+        # Read back: whoever won an exclusive create (or, on a store without one, wrote last) holds the claim.
+        self.mirror.pull(IDENTITY_NAME)
+        self._check_claim()
         write_text(self.path / CONFIG_NAME, config_yaml)
         self.mirror.push(CONFIG_NAME)
 

@@ -12,6 +12,15 @@ from pipeline.demo.tokenizer import build_tokenizer, corpus_texts
 VOCAB = 512
 
 
+@pytest.fixture(autouse=True)
+def default_verbosity():
+    """Each test starts at the default log level: ``-q`` or ``-v`` given to an earlier ``cli.main`` stays set
+    in the process otherwise, and would hide the info messages a later test looks for."""
+    from pipeline.log import set_verbosity
+
+    set_verbosity(0)
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("distillery")
@@ -45,26 +54,13 @@ def corpus_jsonl(workdir) -> Path:
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on a free loopback port, reached through the standard AWS environment only."""
-    import logging
     import os
 
     os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", "256")  # read when moto is imported: small multipart parts
-    from moto.server import ThreadedMotoServer
+    from pipeline.bench.remote_read import s3_server
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing-key-id",
-           "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
-    with pytest.MonkeyPatch.context() as patch:
-        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3"):
-            patch.delenv(key, raising=False)
-        for key, value in env.items():
-            patch.setenv(key, value)
-        yield env["AWS_ENDPOINT_URL"]
-    server.stop()
+    with s3_server(key_id="testing-key-id", secret="testing-secret") as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """``distillery bench``: measure the pipeline and write ``results.json`` plus ``results.md``.
 
-Sections: ``storage``, ``stage1``, ``stage1_memory``, ``stage2``, ``quality``, ``scaling`` and ``parallel``,
-each a list of flat records. Comparisons run interleaved in one process
+Sections: ``storage``, ``storage_remote``, ``stage1``, ``stage1_memory``, ``stage2``, ``quality``, ``scaling``
+and ``parallel``, each a list of flat records. Comparisons run interleaved in one process
 (or one run) and report medians with min-max spreads. Everything is built
 locally: the 8k BPE, a random-init 17M teacher for throughput, and the
 pretrained teacher given with ``--teacher`` (``make bench`` passes the demo
@@ -20,6 +20,7 @@ import torch
 
 from pipeline.bench.parallel import strategy_records
 from pipeline.bench.quality import CACHE_SETTINGS, quality_records, summarize_quality, train_and_score
+from pipeline.bench.remote_read import DEFAULT_SHARD_SEQUENCES, remote_read_records
 from pipeline.bench.scaling import memory_records as stage1_memory_records
 from pipeline.bench.stage1 import run_settings
 from pipeline.bench.stage2 import memory_records, peak_rss_of_training, step_ratios
@@ -130,6 +131,9 @@ def run_bench(out: str | Path, quick: bool = False, teacher: str | Path | None =
     ratios = step_ratios(caches["topk64"], caches["sample50"], teacher, size["students"][0], size["batch"],
                          rounds=2 if quick else 15)
     results["stage2"] = [ratios, *memory_records(caches["sample50"], common, out)]
+    results["storage_remote"] = remote_read_records(caches["sample50"], size["batch"], out / "scratch-remote",
+                                                    ratios["kd_sample_step_s"], repeats=3 if quick else 5,
+                                                    shard_sequences=None if quick else DEFAULT_SHARD_SEQUENCES)
     quality = quality_records(teacher, caches, common, out / "quality", size["seeds"], size["key_seeds"],
                               size["subset"])
     results["quality_runs"] = [{k: v for k, v in r.items() if k != "final"} for r in quality]
@@ -186,6 +190,9 @@ def results_markdown(results: dict) -> str:
     sections = [
         ("Storage", "storage", ["format", "mode", "k", "level", "bytes_per_token", "mean_ids", "bytes_per_entry",
                                 "write_tok_per_s", "read_tok_per_s", "grad_angle_deg", "param_angle_deg"]),
+        ("Storage from S3 (moto on loopback; student = stage-2 cached sample KD step)", "storage_remote",
+         ["source", "read_tok_per_s", "read_spread", "over_student", "at_least_10x", "student_tok_per_s", "shards",
+          "shard_mb", "download_s", "download_mb_per_s", "first_use_extra_s", "cpu", "note"]),
         ("Stage 1", "stage1", ["format", "mode", "width", "chunk_size", "tokens", "cache_tok_per_s",
                                "forward_tok_per_s", "cache_over_forward", "cache_over_forward_spread",
                                "end_to_end_over_forward", "end_to_end_spread",

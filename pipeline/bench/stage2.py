@@ -30,8 +30,10 @@ from storage.writer import CacheDirectory, ShardPlan
 CPU = torch.device("cpu")
 
 
-def _setting(cache_dir: Path, student: dict, batch_size: int, loss: LossConfig, device: torch.device, chunk_size: int,
-             teacher=None):
+def train_step_setting(cache_dir: Path, student: dict, batch_size: int, loss: LossConfig, device: torch.device,
+                       chunk_size: int, teacher=None):
+    """A callable that runs one optimizer step of a fresh ``student`` on the cache's first batch and returns its
+    seconds: the unit the step-cost comparisons time."""
     from transformers import AutoTokenizer
 
     manifest = read_manifest(cache_dir)
@@ -60,10 +62,10 @@ def step_ratios(topk_cache: Path, sample_cache: Path, teacher_dir: Path, student
     """Median step seconds of CE, cached top-k KD, cached sample KD and online KD, and their ratios."""
     teacher = load_model(str(teacher_dir), device)
     settings = {
-        "ce": _setting(topk_cache, student, batch_size, LossConfig(kind="ce"), device, chunk_size),
-        "kd_topk": _setting(topk_cache, student, batch_size, LossConfig(), device, chunk_size),
-        "kd_sample": _setting(sample_cache, student, batch_size, LossConfig(), device, chunk_size),
-        "kd_online": _setting(topk_cache, student, batch_size, LossConfig(teacher_live=str(teacher_dir)), device,
+        "ce": train_step_setting(topk_cache, student, batch_size, LossConfig(kind="ce"), device, chunk_size),
+        "kd_topk": train_step_setting(topk_cache, student, batch_size, LossConfig(), device, chunk_size),
+        "kd_sample": train_step_setting(sample_cache, student, batch_size, LossConfig(), device, chunk_size),
+        "kd_online": train_step_setting(topk_cache, student, batch_size, LossConfig(teacher_live=str(teacher_dir)), device,
                               chunk_size, teacher),
     }
     times = {name: [] for name in settings}
@@ -100,27 +102,40 @@ def peak_rss_of_training(overrides: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def replicated_cache(source: Path, target: Path, copies: int) -> Path:
-    """A cache whose train split holds every train shard of ``source`` ``copies`` times, written by the
-    storage writer (so it has its own done records and manifest) under a fingerprint of its own."""
+def rewritten_cache(source: Path, target: Path, identity: dict, note: str, shards) -> Path:
+    """A new cache at ``target`` holding ``shards(manifest, fmt)``: ``(ShardPlan, arrays)`` pairs made from
+    ``source``'s shards, written by the storage writer (so it has its own done records and manifest) under a
+    fingerprint of its own, with ``source``'s tokenizer."""
     shutil.rmtree(target, ignore_errors=True)
     manifest = read_manifest(source)
     fmt = get_format(manifest.format)
-    cache = CacheDirectory(target, fingerprint({"replica_of": manifest.fingerprint, "copies": copies}))
+    cache = CacheDirectory(target, fingerprint(identity))
     target.mkdir(parents=True)
-    cache.claim(f"# {copies} copies of the train shards of {source}\n")
-    plans, index = [], {"train": 0, "eval": 0}
-    for copy in range(copies):
-        for record in manifest.shards:
-            if record.split != "train" and copy > 0:
-                continue
-            plan = ShardPlan(record.split, index[record.split], 0, record.sequences, fmt.suffix)
-            index[record.split] += 1
-            cache.write_shard(plan, fmt, fmt.read(manifest.shard_path(record)), manifest.compression["level"])
-            plans.append(plan)
+    cache.claim(f"# {note}\n")
+    plans = []
+    for plan, arrays in shards(manifest, fmt):
+        cache.write_shard(plan, fmt, arrays, manifest.compression["level"])
+        plans.append(plan)
     tokenizer = source / manifest.tokenizer_dir
     cache.assemble(plans, manifest, lambda folder: shutil.copytree(tokenizer, folder))
     return target
+
+
+def replicated_cache(source: Path, target: Path, copies: int) -> Path:
+    """A cache whose train split holds every train shard of ``source`` ``copies`` times."""
+
+    def shards(manifest, fmt):
+        index = {"train": 0, "eval": 0}
+        for copy in range(copies):
+            for record in manifest.shards:
+                if record.split != "train" and copy > 0:
+                    continue
+                yield ShardPlan(record.split, index[record.split], 0, record.sequences, fmt.suffix), \
+                    fmt.read(manifest.shard_path(record))
+                index[record.split] += 1
+
+    identity = {"replica_of": read_manifest(source).fingerprint, "copies": copies}
+    return rewritten_cache(source, target, identity, f"{copies} copies of the train shards of {source}", shards)
 
 
 def memory_records(cache_dir: Path, common: list[str], out: Path) -> list[dict]:
