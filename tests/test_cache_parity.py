@@ -104,7 +104,9 @@ def test_ids_above_65535_round_trip(tmp_path, tokenizer_dir, corpus_jsonl):
     model_dir = build_model(tokenizer_dir, tmp_path / "wide", arch="llama", hidden=16, layers=1, heads=2,
                             max_positions=128, vocab_size=70_000)
     for fmt in ("arrow", "zarr"):
-        directory = cache(cache_args(model_dir, corpus_jsonl, tmp_path / fmt, **{"cache.format": fmt})).directory
+        # A few thousand tokens suffice: a random 70,000-entry teacher puts ids above 65535 in the first shard.
+        directory = cache(cache_args(model_dir, corpus_jsonl, tmp_path / fmt,
+                                     **{"cache.format": fmt, "data.max_tokens": 2048})).directory
         manifest = read_manifest(directory)
         assert manifest.vocab_size == 70_000 and manifest.tokenizer["length"] == 512
         shard = next(iter(read_all(directory).values()))

@@ -53,16 +53,26 @@ def one_rank_reference(topk_cache, out_dir, **settings):
     return load_file(out_dir / "final" / "model.safetensors")
 
 
+TWO_RANKS = {**QUIET, "train.steps": 4, "train.checkpoint_every": 2}
+
+
+@pytest.fixture(scope="module")
+def two_ranks_reference(tmp_path_factory, topk_cache):
+    """The 1-rank run both strategies are compared with (the same settings for DDP and FSDP): its out_dir and
+    final weights."""
+    out_dir = tmp_path_factory.mktemp("one") / "one"
+    return out_dir, one_rank_reference(topk_cache, out_dir, **TWO_RANKS)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_train_what_one_rank_trains(tmp_path, topk_cache, strategy):
+def test_two_ranks_train_what_one_rank_trains(tmp_path, topk_cache, two_ranks_reference, strategy):
     """Logged global losses, held-out metrics, sample audits and final weights of 2 ranks equal 1 rank's."""
-    settings = {**QUIET, "train.steps": 4, "train.checkpoint_every": 2}
-    run = torchrun(train_args(topk_cache, tmp_path / "o", **settings, **{"train.strategy": strategy}), tmp_path / "log")
+    run = torchrun(train_args(topk_cache, tmp_path / "o", **TWO_RANKS, **{"train.strategy": strategy}), tmp_path / "log")
     assert run.wait(timeout=300) == 0, (tmp_path / "log").read_text()[-3000:]
-    reference = one_rank_reference(topk_cache, tmp_path / "one", **settings)
+    one, reference = two_ranks_reference
     for kind, field in (("train", "loss"), ("train", "samples_sha256"), ("eval", "kl"), ("eval", "ce")):
         ours = [r[field] for r in records(tmp_path / "o", kind)]
-        theirs = [r[field] for r in records(tmp_path / "one", kind)]
+        theirs = [r[field] for r in records(one, kind)]
         assert len(ours) == len(theirs) > 0
         assert ours == (theirs if field == "samples_sha256" else pytest.approx(theirs, rel=1e-5)), (kind, field)
     final = tmp_path / "o" / "final"

@@ -1,5 +1,6 @@
 """Disk full: each stage writes to a small tmpfs, fails with one clear line, marks nothing complete, keeps what
-was complete, and resumes to the uninterrupted result once space is freed."""
+was complete, and resumes to the uninterrupted result once space is freed.
+Only ``make chaos`` (``CHAOS_SCALE=full``) runs them; they need root for the tmpfs."""
 from __future__ import annotations
 
 import json
@@ -20,6 +21,8 @@ from jobs import (
     shard_hashes,
     train_overrides,
 )
+
+pytestmark = pytest.mark.full_scale
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ from jobs import (
 KILL = signal.SIGKILL
 
 
-@pytest.mark.parametrize("backend", ["arrow", "zarr"])
+# The Zarr sweep builds its own reference cache and is the slowest of all: ``make chaos`` only.
+@pytest.mark.parametrize("backend", ["arrow", pytest.param("zarr", marks=pytest.mark.full_scale)])
 def test_stage1_survives_random_kills(backend, tmp_path, reference_cache, chaos_teacher, chaos_corpus, scale, seed,
                                       chaos_results):
     reference, wall = reference_cache

@@ -13,7 +13,9 @@ from harness import PREEMPTED_EXIT, Sweep
 from jobs import cache_command, check_cache, check_run, check_training, run_command, shard_hashes, train_command
 
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGUSR1": signal.SIGUSR1}
-# The fast subset of ``make test`` sends one of the two per stage, alternating; ``make chaos`` sends both.
+# ``make chaos`` sends both signals to every stage. The fast subset of ``make test`` runs stage 2 only, with
+# SIGUSR1; stage 1 and stage 3 are ``full_scale`` (tests/test_run.py signals a real stage-1 process and a run
+# mid-training in ``make test``).
 FULL = os.environ.get("CHAOS_SCALE", "fast") == "full"
 
 
@@ -31,6 +33,7 @@ def preempt_sweep(stage, sig_name, command, wall, check, tmp_path, scale, seed, 
                             "finished, exit 0); outcome bitwise")
 
 
+@pytest.mark.full_scale
 @pytest.mark.parametrize("sig_name", signals_for(0))
 def test_cache_preempted(sig_name, tmp_path, reference_cache, chaos_teacher, chaos_corpus, scale, seed,
                          chaos_results):
@@ -47,6 +50,7 @@ def test_train_preempted(sig_name, tmp_path, reference_cache, reference_training
                   lambda out, _: check_training(out, reference), tmp_path, scale, seed, chaos_results)
 
 
+@pytest.mark.full_scale
 @pytest.mark.parametrize("sig_name", signals_for(2))
 def test_run_preempted(sig_name, tmp_path, llama_dir, corpus_jsonl, reference_run, scale, seed, chaos_results):
     reference, wall = reference_run
