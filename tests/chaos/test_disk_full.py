@@ -1,6 +1,7 @@
 """Disk full: each stage writes to a small tmpfs, fails with one clear line, marks nothing complete, keeps what
 was complete, and resumes to the uninterrupted result once space is freed.
-Only ``make chaos`` (``CHAOS_SCALE=full``) runs them; they need root for the tmpfs."""
+``make test`` runs stage 1's; stages 2 and 3 run in ``make chaos`` (``CHAOS_SCALE=full``). They need root
+for the tmpfs."""
 from __future__ import annotations
 
 import json
@@ -21,8 +22,6 @@ from jobs import (
     shard_hashes,
     train_overrides,
 )
-
-pytestmark = pytest.mark.full_scale
 
 
 @pytest.fixture
@@ -82,6 +81,7 @@ def test_cache_on_a_full_disk(small_disk, reference_cache, chaos_teacher, chaos_
                            f"exit 2, '{message.split(str(mount))[0]}...'; {kept} done shards intact; resumed bitwise")
 
 
+@pytest.mark.full_scale
 def test_training_on_a_full_disk(small_disk, reference_cache, reference_training, chaos_results):
     mount, resize = small_disk
     reference, _ = reference_training
@@ -97,6 +97,7 @@ def test_training_on_a_full_disk(small_disk, reference_cache, reference_training
                            f"exit 2, '{message.split(str(mount))[0]}...'; nothing final; resumed bitwise")
 
 
+@pytest.mark.full_scale
 def test_run_on_a_full_disk(small_disk, reference_run, llama_dir, corpus_jsonl, chaos_results):
     mount, resize = small_disk
     reference, _ = reference_run
