@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ from pipeline.demo.init_model import build_model
 from pipeline.demo.tokenizer import build_tokenizer, corpus_texts
 
 VOCAB = 512
+# moto reads this when it is first imported, by whichever test that is (the bench's S3 section, say): parts of
+# a few KB, so that multipart uploads can be tested on small files.
+os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", "256")
 
 
 @pytest.fixture(autouse=True)
@@ -54,9 +58,6 @@ def corpus_jsonl(workdir) -> Path:
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on a free loopback port, reached through the standard AWS environment only."""
-    import os
-
-    os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", "256")  # read when moto is imported: small multipart parts
     from pipeline.bench.remote_read import s3_server
 
     with s3_server(key_id="testing-key-id", secret="testing-secret") as endpoint:
