@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from storage.errors import CacheNotFoundError
-from storage.formats import get_format
+from storage.layout import read_shard
 from storage.manifest import Manifest, read_manifest
 from storage.remote import is_url
 from storage.remote_shards import open_cache
@@ -27,7 +27,7 @@ def _shard_stats(arrays: dict[str, np.ndarray]) -> dict[str, float]:
         entropy -= np.where(tail_p > 0, tail_p * tail, 0.0)
     keep = arrays["loss_mask"].astype(bool)
     unique = (arrays["topk_ids"] >= 0).sum(axis=-1)
-    return {"top1": float(probs[..., 0][keep].sum()), "tail": float(tail_p[keep].sum()),
+    return {"top1": float(probs.max(axis=-1)[keep].sum()), "tail": float(tail_p[keep].sum()),
             "entropy": float(entropy[keep].sum()), "ids": float(unique[keep].sum()), "positions": int(keep.sum())}
 
 
@@ -45,10 +45,9 @@ def read_cache(directory: str | Path) -> Manifest:
 
 def summarize(manifest: Manifest) -> dict:
     """Totals from the manifest plus distribution statistics read from every shard."""
-    fmt = get_format(manifest.format)
     totals = {"top1": 0.0, "tail": 0.0, "entropy": 0.0, "ids": 0.0, "positions": 0}
     for record in manifest.shards:
-        stats = _shard_stats(fmt.read(manifest.shard_path(record)))
+        stats = _shard_stats(read_shard(manifest, manifest.shard_path(record)))
         for key in totals:
             totals[key] += stats[key]
     n = max(totals["positions"], 1)

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from storage.atomic import write_json
 from storage.errors import CacheNotFoundError, ChecksumError, ManifestError
 
-FORMAT_VERSION = 2  # 2: token ids stored as uint16 when they fit
+FORMAT_VERSION = 3  # 3: one schema per cache, counts, sorted delta-coded ids (storage.layout_v3)
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SEAL = "manifest_sha256"
 _BLOCK = 1 << 22
@@ -148,6 +148,10 @@ class Manifest:
     compression: dict = field(default_factory=dict)
     dtypes: dict = field(default_factory=dict)
     id_storage: str | None = None
+    pad_id: int | None = None
+    """Format 3: the id that unused slots decode to in a plain reader (the largest value of the id dtype)."""
+    logprob_bits: int | None = None
+    """Format 3: 16 or 8 bits per stored head log-prob."""
     fingerprint_identity: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     tokenizer_dir: str | None = None

@@ -1,7 +1,8 @@
 """Torch-facing readers of a finished cache: a shuffled training stream and a sequential pass.
 
 Batches are dicts of tensors:
-``input_ids`` (B, T) int64, ``topk_ids`` (B, T, W) int64 (-1 in unused slots),
+``input_ids`` (B, T) int64, ``topk_ids`` (B, T, W) int64 (-1 in unused slots; the order of
+``storage.schema``),
 ``topk_logprobs`` (B, T, W) float32, ``tail_logprob`` (B, T) float32 and
 ``loss_mask`` (B, T) bool; training batches also carry ``sample_index`` (B,)
 int64, the global index of each sequence in the split.
@@ -18,6 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from storage.errors import BatchTooLargeError, CacheNotFoundError
 from storage.formats import get_format
+from storage.layout import Layout
 from storage.manifest import Manifest
 from storage.remote_shards import PREFETCH_SHARDS, open_cache
 from storage.stream import ShardRows, StreamOrder, StreamState, iterate_batches, shard_schedule
@@ -42,6 +44,7 @@ class ShardLoader:
         self.manifest, self.verify = manifest, verify
         self.records = manifest.shards_for(split)
         self.format = get_format(manifest.format)
+        self.layout = Layout.of(manifest)
         self._verified: set[int] = set()
         self._upcoming = iter(upcoming if upcoming is not None else range(len(self.records)))
         self._window: list[int] = []  # the next entries of ``upcoming``
@@ -66,7 +69,7 @@ class ShardLoader:
             path = self.manifest.shard_path(record)
         if self.manifest.remote:
             self._prefetch_after(index)
-        return self.format.read(path)
+        return self.layout.decode(self.format.read(path))
 
 
 class SoftTargetStream(IterableDataset):

@@ -1,84 +1,51 @@
-"""The per-sequence fields of a shard, shared by every backend.
+"""The arrays of one shard as stage 1 hands them to the writer (targets), and as readers return them.
 
-Row ``j`` of each per-position field describes the teacher's distribution for
-the token that follows ``input_ids[j]``.
+Targets, for n sequences of T tokens (``storage.layout`` turns them into stored columns):
 
-``FIELDS`` gives the dtypes that writers take and readers return. On disk the
-token-id fields are narrowed to uint16 when every id of the shard's field is
-below 65535 (any vocabulary up to 65,535 entries), with the padding id -1
-stored as 65535; this made a compressed sample-mode shard about an eighth
-smaller in the benchmark. Each shard records its own on-disk dtype, so readers widen by it.
+* ``input_ids`` (n, T) int32 and ``loss_mask`` (n, T) uint8, always;
+* ``head_ids`` (n, T, K) int32, ``head_logprobs`` (n, T, K) float32 and ``tail_logprob`` (n, T) float32 (the
+  log of the mass outside the head), in ``topk`` and ``hybrid`` mode; any order of the K distinct ids;
+* ``sample_ids`` (n, T, S) int32 and ``sample_counts`` (n, T, S) int32, in ``sample`` and ``hybrid`` mode: the
+  distinct drawn ids and how often each was drawn; unused slots hold id -1 and count 0.
+
+Readers return ``READER_FIELDS``: row ``j`` of each per-position field describes the teacher's distribution
+for the token that follows ``input_ids[j]``. The W = K + S slots hold the head, then the sample, each in
+ascending id order with unused slots (id -1, log-prob -inf) last.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 
 from storage.errors import ShardSchemaError
 
-
-@dataclass(frozen=True)
-class Field:
-    name: str
-    dtype: np.dtype
-    per_slot: bool  # True: shape (n, T, k); False: shape (n, T)
-
-
-FIELDS = (
-    Field("input_ids", np.dtype("int32"), False),
-    Field("topk_ids", np.dtype("int32"), True),
-    Field("topk_logprobs", np.dtype("float16"), True),
-    Field("tail_logprob", np.dtype("float32"), False),
-    Field("loss_mask", np.dtype("uint8"), False),
-)
-FIELD_NAMES = tuple(f.name for f in FIELDS)
-ID_FIELDS = ("input_ids", "topk_ids")
-NARROW_PAD = 65535  # uint16 on disk for the padding id -1
+COMMON = {"input_ids": np.dtype("int32"), "loss_mask": np.dtype("uint8")}
+HEAD = {"head_ids": np.dtype("int32"), "head_logprobs": np.dtype("float32"), "tail_logprob": np.dtype("float32")}
+SAMPLE = {"sample_ids": np.dtype("int32"), "sample_counts": np.dtype("int32")}
+PER_SLOT = ("head_ids", "head_logprobs", "sample_ids", "sample_counts")
+READER_FIELDS = {"input_ids": np.dtype("int32"), "topk_ids": np.dtype("int32"), "topk_logprobs": np.dtype("float32"),
+                 "tail_logprob": np.dtype("float32"), "loss_mask": np.dtype("uint8")}
 
 
-def to_disk(name: str, array: np.ndarray) -> np.ndarray:
-    """The array as stored: token ids narrowed to uint16 when they all fit below NARROW_PAD."""
-    if name in ID_FIELDS and (array.size == 0 or int(array.max()) < NARROW_PAD):
-        return array.astype(np.uint16)  # -1 wraps to NARROW_PAD
-    return array
-
-
-def from_disk(name: str, array: np.ndarray) -> np.ndarray:
-    """Undo ``to_disk``: the field's dtype from ``FIELDS``, with NARROW_PAD back to -1."""
-    dtype = next(f.dtype for f in FIELDS if f.name == name)
-    if array.dtype == np.uint16 and name in ID_FIELDS:
-        wide = array.astype(dtype)
-        wide[array == NARROW_PAD] = -1
-        return wide
-    return array.astype(dtype, copy=False)
-
-
-def check_arrays(arrays: dict[str, np.ndarray]) -> tuple[int, int, int]:
-    """Validate a shard's arrays and return ``(sequences, seq_len, width)``.
-
-    Every problem is reported in one ``ShardSchemaError``.
-    """
-    problems = []
-    missing = [n for n in FIELD_NAMES if n not in arrays]
-    extra = [n for n in arrays if n not in FIELD_NAMES]
-    if missing:
-        problems.append(f"missing fields {missing}")
-    if extra:
-        problems.append(f"unknown fields {extra}")
+def check_targets(arrays: dict[str, np.ndarray], head_width: int, sample_width: int) -> tuple[int, int]:
+    """Validate one shard's targets for a layout with ``head_width`` and ``sample_width`` slots; return
+    ``(sequences, seq_len)``. Every problem is reported in one ``ShardSchemaError``."""
+    want = {**COMMON, **(HEAD if head_width else {}), **(SAMPLE if sample_width else {})}
+    missing = [name for name in want if name not in arrays]
+    extra = [name for name in arrays if name not in want]
+    problems = [f"missing fields {missing}"] * bool(missing) + [f"unknown fields {extra}"] * bool(extra)
     if problems:
         raise ShardSchemaError("; ".join(problems))
     n, seq_len = arrays["input_ids"].shape[:2]
-    width = arrays["topk_ids"].shape[-1]
-    for field in FIELDS:
-        array = arrays[field.name]
-        want = (n, seq_len, width) if field.per_slot else (n, seq_len)
-        if array.shape != want:
-            problems.append(f"{field.name} has shape {array.shape}, expected {want}")
-        if array.dtype != field.dtype:
-            problems.append(f"{field.name} has dtype {array.dtype}, expected {field.dtype}")
+    widths = {"head_ids": head_width, "head_logprobs": head_width, "sample_ids": sample_width,
+              "sample_counts": sample_width}
+    for name, dtype in want.items():
+        shape = (n, seq_len, widths[name]) if name in PER_SLOT else (n, seq_len)
+        if arrays[name].shape != shape:
+            problems.append(f"{name} has shape {arrays[name].shape}, expected {shape}")
+        if arrays[name].dtype != dtype:
+            problems.append(f"{name} has dtype {arrays[name].dtype}, expected {dtype}")
     if n == 0:
         problems.append("a shard needs at least one sequence")
     if problems:
         raise ShardSchemaError("; ".join(problems))
-    return n, seq_len, width
+    return n, seq_len

@@ -7,6 +7,7 @@ import threading
 import numpy as np
 
 from storage.errors import CacheError
+from storage.layout import Layout
 from storage.writer import CacheDirectory, ShardPlan
 
 
@@ -18,8 +19,9 @@ class BackgroundShardWriter:
     several threads keep up with a fast GPU teacher.
     """
 
-    def __init__(self, cache: CacheDirectory, shard_format, level: int, depth: int = 2, threads: int = 1):
-        self.cache, self.format, self.level = cache, shard_format, level
+    def __init__(self, cache: CacheDirectory, shard_format, layout: Layout, level: int, depth: int = 2,
+                 threads: int = 1):
+        self.cache, self.format, self.layout, self.level = cache, shard_format, layout, level
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._threads = [threading.Thread(target=self._run, name=f"shard-writer-{i}", daemon=True)
@@ -28,6 +30,7 @@ class BackgroundShardWriter:
             thread.start()
 
     def submit(self, plan: ShardPlan, arrays: dict[str, np.ndarray]) -> None:
+        """Queue one shard's targets (``storage.schema``); they are encoded by ``layout`` on a writer thread."""
         self._raise_if_failed()
         self._queue.put((plan, arrays))
 
@@ -50,6 +53,6 @@ class BackgroundShardWriter:
             if self._error is None:
                 try:
                     plan, arrays = item
-                    self.cache.write_shard(plan, self.format, arrays, self.level)
+                    self.cache.write_shard(plan, self.format, self.layout.encode(arrays), self.level)
                 except BaseException as exc:  # surfaced to the producer by submit/close
                     self._error = exc

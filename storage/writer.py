@@ -231,15 +231,15 @@ class CacheDirectory:
         present = set(self.mirror.names())
         return [p.name for p in plans if _record_name(p) not in present]
 
-    def write_shard(self, plan: ShardPlan, shard_format, arrays: dict[str, np.ndarray], level: int) -> None:
-        """Write one shard atomically, then its done record."""
-        self.mark_done(plan, self.encode_shard(plan, shard_format, arrays, level))
+    def write_shard(self, plan: ShardPlan, shard_format, columns: dict[str, np.ndarray], level: int) -> None:
+        """Write one shard's stored columns (``storage.layout``) atomically, then its done record."""
+        self.mark_done(plan, self.encode_shard(plan, shard_format, columns, level))
 
-    def encode_shard(self, plan: ShardPlan, shard_format, arrays: dict[str, np.ndarray], level: int) -> ShardRecord:
-        """Encode, compress and write one shard atomically, and hash it; the shard is not done yet."""
+    def encode_shard(self, plan: ShardPlan, shard_format, columns: dict[str, np.ndarray], level: int) -> ShardRecord:
+        """Compress and write one shard's stored columns atomically, and hash it; the shard is not done yet."""
         path = self.path / plan.name
-        shard_format.write(path, arrays, level)
-        return ShardRecord(plan.name, plan.split, plan.count, int(arrays["input_ids"].size), shard_bytes(path),
+        shard_format.write(path, columns, level)
+        return ShardRecord(plan.name, plan.split, plan.count, int(columns["input_ids"].size), shard_bytes(path),
                            shard_sha256(path))
 
     def mark_done(self, plan: ShardPlan, record: ShardRecord) -> None:

@@ -3,13 +3,44 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.cache.config import CacheJob
 from pipeline.cache.run import CacheResult, run_cache
 from pipeline.config_loading import load_config
-from storage.formats import get_format
+from storage.layout import read_shard
 from storage.manifest import read_manifest
+
+
+def make_targets(layout, n: int = 5, seq_len: int = 7, seed: int = 0, high_ids: bool = True) -> dict[str, np.ndarray]:
+    """Random targets (``storage.schema``) for ``layout``: distinct head ids by descending log-prob, a few -inf
+    log-probs, and distinct sampled ids with counts summing to N, some slots unused; with ``high_ids`` the
+    largest id of the vocabulary occurs."""
+    rng = np.random.default_rng(seed)
+    vocab, head, width = layout.vocab_size, layout.head_width, layout.sample_width
+    distinct = np.stack([rng.choice(vocab, head + width, replace=False) for _ in range(n * seq_len)]).astype(np.int32)
+    if high_ids:
+        distinct[0, 0] = vocab - 1
+    else:
+        distinct %= min(vocab, 60_000)
+    distinct = distinct.reshape(n, seq_len, -1)
+    targets = {"input_ids": rng.integers(0, vocab, (n, seq_len), dtype=np.int32),
+               "loss_mask": rng.integers(0, 2, (n, seq_len), dtype=np.uint8)}
+    if head:
+        logprobs = -np.sort(rng.exponential(3.0, (n, seq_len, head)), axis=-1).astype(np.float32)
+        logprobs[0, 0, -1] = -np.inf
+        targets |= {"head_ids": distinct[..., :head], "head_logprobs": logprobs,
+                    "tail_logprob": np.log(rng.uniform(0.01, 1, (n, seq_len))).astype(np.float32)}
+    if width:
+        used = rng.integers(1, min(width, layout.samples) + 1, (n, seq_len))
+        counts = np.zeros((n, seq_len, width), dtype=np.int32)
+        for index in np.ndindex(n, seq_len):
+            counts[index][: used[index]] = rng.multinomial(layout.samples - used[index], np.ones(used[index]) / used[index]) + 1
+        ids = np.where(counts > 0, np.sort(distinct[..., head:], axis=-1), -1)
+        order = np.argsort(np.where(ids < 0, vocab, ids), axis=-1)
+        targets |= {"sample_ids": np.take_along_axis(ids, order, -1), "sample_counts": np.take_along_axis(counts, order, -1)}
+    return targets
 
 
 def cache(args: list[str], **kwargs) -> CacheResult:
@@ -17,10 +48,9 @@ def cache(args: list[str], **kwargs) -> CacheResult:
 
 
 def read_all(directory: Path) -> dict[str, dict]:
-    """Every shard of a finished cache, by shard path."""
+    """Every shard of a finished cache as its reader arrays, by shard path."""
     manifest = read_manifest(directory)
-    fmt = get_format(manifest.format)
-    return {s.path: fmt.read(manifest.shard_path(s)) for s in manifest.shards}
+    return {s.path: read_shard(manifest, manifest.shard_path(s)) for s in manifest.shards}
 
 
 def cache_args(model: Path, data: Path, directory: Path, **extra) -> list[str]:

@@ -7,12 +7,13 @@ from pipeline.cache.reduce import sample_targets, sequence_uniforms, topk_target
 
 
 def test_topk_matches_log_softmax_and_tail():
+    torch.manual_seed(0)
     logits = torch.randn(50, 300) * 3
     ids, logprobs, tail = topk_targets(logits, 10, temperature=1.5)
     dense = torch.log_softmax(logits / 1.5, dim=-1)
     want_lp, want_ids = dense.topk(10, dim=-1)
     assert torch.equal(ids, want_ids)
-    torch.testing.assert_close(logprobs, want_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logprobs, want_lp, atol=1e-4, rtol=1e-5)  # float32 sums of 300 exps in two orders
     rest = dense.exp().sum(-1) - want_lp.exp().sum(-1)
     torch.testing.assert_close(tail.exp(), rest, atol=1e-5, rtol=1e-4)
 
@@ -25,8 +26,8 @@ def test_topk_of_whole_vocab_has_empty_tail():
 def test_unique_counts():
     draws = torch.tensor([[3, 1, 3, 3, 2], [5, 5, 5, 5, 5]])
     ids, counts = unique_counts(draws)
-    assert ids.tolist() == [[3, 1, 2, -1, -1], [5, -1, -1, -1, -1]]
-    assert counts.tolist() == [[3, 1, 1, 0, 0], [5, 0, 0, 0, 0]]
+    assert ids.tolist() == [[1, 2, 3, -1, -1], [5, -1, -1, -1, -1]]
+    assert counts.tolist() == [[1, 1, 3, 0, 0], [5, 0, 0, 0, 0]] and counts.dtype == torch.int32
 
 
 def test_sampling_is_unbiased():

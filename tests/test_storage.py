@@ -3,83 +3,56 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import make_targets
 
 from storage.atomic import atomic_write
 from storage.errors import ShardSchemaError
 from storage.formats import FORMATS, get_format
+from storage.layout import Layout
 from storage.manifest import shard_sha256
 from storage.partition import num_parts, part_index, shards_of_part
 
-
-def make_arrays(n=5, seq_len=7, width=3, seed=0, vocab=300_000) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    logprobs = rng.normal(-3, 1, (n, seq_len, width)).astype(np.float16)
-    logprobs[0, 0, -1] = -np.inf
-    ids = rng.integers(0, vocab, (n, seq_len, width), dtype=np.int32)
-    ids[0, 0, -1] = -1
-    return {
-        "input_ids": rng.integers(0, vocab, (n, seq_len), dtype=np.int32),
-        "topk_ids": ids,
-        "topk_logprobs": logprobs,
-        "tail_logprob": np.log(rng.uniform(0, 1, (n, seq_len))).astype(np.float32),
-        "loss_mask": rng.integers(0, 2, (n, seq_len), dtype=np.uint8),
-    }
+LAYOUTS = [Layout(3, "topk", 300_000, 3, 0), Layout(3, "sample", 65_535, 0, 4, samples=6),
+           Layout(3, "hybrid", 512, 2, 3, samples=300, logprob_bits=8), Layout(2, "hybrid", 300_000, 2, 3, samples=6)]
 
 
-@pytest.mark.parametrize("vocab", [300_000, 65_535])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: f"v{lay.version}-{lay.mode}-{lay.vocab_size}")
 @pytest.mark.parametrize("name", sorted(FORMATS))
-def test_round_trip_is_exact(tmp_path, name, vocab):
+def test_round_trip_is_exact(tmp_path, name, layout):
     fmt = get_format(name)
-    arrays = make_arrays(vocab=vocab)
-    arrays["topk_ids"][1, 1, 1] = vocab - 1
+    columns = layout.encode(make_targets(layout))
     path = tmp_path / f"s{fmt.suffix}"
-    fmt.write(path, arrays, level=3)
+    fmt.write(path, columns, level=3)
     back = fmt.read(path)
-    assert set(back) == set(arrays)
-    for key, value in arrays.items():
+    assert list(back) == list(columns)
+    for key, value in columns.items():
         assert back[key].dtype == value.dtype
         np.testing.assert_array_equal(back[key], value)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporaries left
 
 
-def test_ids_below_65535_are_stored_as_uint16_with_padding_65535(tmp_path):
-    import pyarrow.ipc as ipc
-    import zarr
-
-    arrays = make_arrays(vocab=65_535)
-    get_format("arrow").write(tmp_path / "s.arrow", arrays, level=3)
-    get_format("zarr").write(tmp_path / "s.zarr", arrays, level=3)
-    table = ipc.open_file(str(tmp_path / "s.arrow")).read_all()
-    stored = np.array(table.column("topk_ids").to_pylist())
-    assert str(table.schema.field("input_ids").type.value_type) == "uint16"
-    assert stored[0, 0, -1] == 65535 and stored.max() == 65535
-    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
-    assert group["topk_ids"].dtype == np.uint16 and group["input_ids"].dtype == np.uint16
-    np.testing.assert_array_equal(group["topk_ids"][...], stored)
-    wide = make_arrays(vocab=300_000)
-    get_format("zarr").write(tmp_path / "w.zarr", wide, level=3)
-    assert zarr.open_group(str(tmp_path / "w.zarr"), mode="r")["topk_ids"].dtype == np.int32
-
-
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_write_is_deterministic_and_hash_detects_changes(tmp_path, name):
-    fmt = get_format(name)
+    fmt, layout = get_format(name), LAYOUTS[0]
     a, b = tmp_path / f"a{fmt.suffix}", tmp_path / f"b{fmt.suffix}"
-    fmt.write(a, make_arrays(), level=3)
-    fmt.write(b, make_arrays(), level=3)
+    fmt.write(a, layout.encode(make_targets(layout)), level=3)
+    fmt.write(b, layout.encode(make_targets(layout)), level=3)
     assert shard_sha256(a) == shard_sha256(b)
-    fmt.write(b, make_arrays(seed=1), level=3)
+    fmt.write(b, layout.encode(make_targets(layout, seed=1)), level=3)
     assert shard_sha256(a) != shard_sha256(b)
 
 
-@pytest.mark.parametrize("name", sorted(FORMATS))
-def test_writer_rejects_bad_arrays_with_every_problem(tmp_path, name):
-    arrays = make_arrays()
-    arrays["topk_logprobs"] = arrays["topk_logprobs"].astype(np.float32)
-    arrays["tail_logprob"] = arrays["tail_logprob"][:, :3]
-    with pytest.raises(ShardSchemaError, match="topk_logprobs has dtype float32.*tail_logprob has shape"):
-        get_format(name).write(tmp_path / "bad", arrays, level=3)
-    assert list(tmp_path.iterdir()) == []
+def test_encoding_rejects_bad_targets_with_every_problem():
+    layout = LAYOUTS[2]
+    targets = make_targets(layout)
+    targets["head_logprobs"] = targets["head_logprobs"].astype(np.float16)
+    targets["tail_logprob"] = targets["tail_logprob"][:, :3]
+    del targets["sample_counts"]
+    with pytest.raises(ShardSchemaError, match=r"missing fields \['sample_counts'\]"):
+        layout.encode(targets)
+    targets["sample_counts"] = np.zeros_like(targets["sample_ids"])
+    with pytest.raises(ShardSchemaError, match="head_logprobs has dtype float16.*tail_logprob has shape"):
+        layout.encode(targets)
 
 
 def test_unknown_format_is_named():
@@ -125,10 +98,10 @@ def test_threaded_writer_writes_the_same_shards_as_one_thread(tmp_path):
     for threads in (1, 3):
         directory = tmp_path / f"t{threads}"
         directory.mkdir()
-        writer = BackgroundShardWriter(CacheDirectory(directory, "fp"), get_format("arrow"), 3, depth=threads + 1,
-                                       threads=threads)
+        writer = BackgroundShardWriter(CacheDirectory(directory, "fp"), get_format("arrow"), LAYOUTS[1], 3,
+                                       depth=threads + 1, threads=threads)
         for index in range(7):
-            writer.submit(ShardPlan("train", index, index * 5, 5, ".arrow"), make_arrays(seed=index))
+            writer.submit(ShardPlan("train", index, index * 5, 5, ".arrow"), make_targets(LAYOUTS[1], seed=index))
         writer.close()
         hashes.append({p.name: shard_sha256(p) for p in directory.iterdir()})
     assert len(hashes[0]) == 14 and hashes[0] == hashes[1]

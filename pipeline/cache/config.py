@@ -6,6 +6,7 @@ from typing import Literal
 
 from pipeline.config_loading import device_problem, need, raise_problems
 from pipeline.data.config import DataConfig
+from storage.layout import FORMAT_VERSIONS, MAX_SAMPLES
 from storage.mirror import DEFAULT_LOCAL_BYTES
 
 
@@ -73,6 +74,12 @@ class CacheConfig:
     chunks also stay in CPU cache (256 ran 2x faster than 4096 on CPU)."""
     compression_level: int = 3
     """zstd level (1-22) for both backends."""
+    format_version: int = 3
+    """Shard layout: 3 (one schema per cache, sampled weights as counts, ids sorted and delta coded in byte
+    planes) or 2 (the earlier layout, for tools written against it); Distillery reads both."""
+    logprob_bits: Literal[16, 8] = 16
+    """Bits per stored head log-prob in ``topk`` and ``hybrid`` mode: 16 (float16) or 8 (a per-position
+    offset and scale in log space, then uint8 codes); the tail mass stays float32. Format 3 only."""
     seed: int = 0
     """Seed of ``sample`` mode; the draws for a sequence depend only on it and the sequence index."""
 
@@ -88,6 +95,15 @@ class CacheConfig:
             need(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}"),
             need(self.chunk_size >= 1, "chunk_size", f"must be >= 1, got {self.chunk_size}"),
             need(1 <= self.compression_level <= 22, "compression_level", f"must be in [1, 22], got {self.compression_level}"),
+            need(self.format_version in FORMAT_VERSIONS, "format_version",
+                 f"must be one of {list(FORMAT_VERSIONS)}, got {self.format_version}"),
+            need(self.logprob_bits in (16, 8), "logprob_bits", f"must be 16 or 8, got {self.logprob_bits}"),
+            need(self.logprob_bits == 16 or self.format_version == 3, "logprob_bits",
+                 "8-bit log-probs need cache.format_version=3"),
+            need(self.logprob_bits == 16 or self.mode != "sample", "logprob_bits",
+                 "sample mode stores counts, not log-probs; use 8 bits with cache.mode=topk or hybrid"),
+            need(self.samples <= MAX_SAMPLES or self.mode == "topk", "samples",
+                 f"must be at most {MAX_SAMPLES} (counts are stored as uint16), got {self.samples}"),
         )
 
 @dataclass

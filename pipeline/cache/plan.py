@@ -14,9 +14,9 @@ from pipeline.errors import ConfigError, DataError, TeacherError
 from pipeline.hf import load_config_and_tokenizer, max_positions, teacher_identity, tokenizer_sha256
 from storage.atomic import ensure_writable
 from storage.formats import get_format
-from storage.manifest import FORMAT_VERSION, Manifest, fingerprint
+from storage.layout import Layout
+from storage.manifest import Manifest, fingerprint
 from storage.mirror import Mirror, join
-from storage.schema import FIELDS, NARROW_PAD
 from storage.writer import CacheDirectory, ShardPlan, plan_shards, refuse_foreign
 
 
@@ -31,6 +31,8 @@ class CachePlan:
     width: int
     header: Manifest
     """The manifest without its shards; ``CacheDirectory.assemble`` completes it."""
+    layout: Layout
+    """How every shard stores its targets."""
     directory: Path | str
     """The cache's location: a local path, or a URL."""
     shards: list[ShardPlan]
@@ -64,7 +66,8 @@ def _fingerprint_identity(job: CacheJob, teacher: dict, tokenizer_hash: str, dat
     """What the fingerprint hashes: every setting that changes the bytes of a shard."""
     c = job.cache
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": c.format_version,
+        "logprob_bits": c.logprob_bits if c.mode != "sample" else None,
         "teacher": {k: teacher[k] for k in ("weights_sha256",)} if teacher["weights_sha256"] else teacher,
         "teacher_dtype": job.teacher.dtype,
         "tokenizer_sha256": tokenizer_hash,
@@ -81,29 +84,33 @@ def _fingerprint_identity(job: CacheJob, teacher: dict, tokenizer_hash: str, dat
     }
 
 
-def _header(job: CacheJob, hf_config, tokenizer, vocab_size: int, width: int, teacher: dict, data: dict,
+def _header(job: CacheJob, hf_config, tokenizer, layout: Layout, teacher: dict, data: dict,
             identity: dict) -> Manifest:
     c = job.cache
+    v3 = layout.version == 3
     return Manifest(
-        format_version=FORMAT_VERSION,
+        format_version=layout.version,
         fingerprint=fingerprint(identity),
         created_by=f"distillery {__version__}",
         teacher={**teacher, "dtype": job.teacher.dtype, "model_type": getattr(hf_config, "model_type", None)},
         tokenizer={"sha256": identity["tokenizer_sha256"], "length": len(tokenizer),
                    "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
-        vocab_size=vocab_size,
+        vocab_size=layout.vocab_size,
         dataset=data,
         seq_len=job.data.seq_len,
         mode=c.mode,
         top_k=c.top_k if c.mode != "sample" else None,
         samples=c.samples if c.mode != "topk" else None,
         seed=c.seed,
-        width=width,
+        width=layout.head_width + layout.sample_width,
         temperature=c.temperature,
         format=get_format(c.format).name,
         compression={"codec": "zstd", "level": c.compression_level},
-        dtypes={field.name: str(field.dtype) for field in FIELDS},
-        id_storage=f"uint16 per shard and field when every id < {NARROW_PAD} (padding -1 as {NARROW_PAD}), else int32",
+        dtypes=layout.columns(),
+        id_storage=(f"{layout.id_dtype} for every shard; per-slot columns sorted by id, delta coded, in byte planes"
+                    if v3 else "uint16 per shard and field when every id < 65535 (padding -1 as 65535), else int32"),
+        pad_id=layout.pad_id if v3 else None,
+        logprob_bits=c.logprob_bits if v3 and c.mode != "sample" else None,
         fingerprint_identity=identity,
         config=to_dict(job),
     )
@@ -137,8 +144,12 @@ def make_plan(job: CacheJob) -> CachePlan:
     teacher = teacher_identity(job.teacher.model, job.teacher.revision, hf_config, local_dir=job.cache.local_dir)
     data = data_identity(job.data, store.documents, store.sha256)
     identity = _fingerprint_identity(job, teacher, tokenizer_sha256(tokenizer), data, width)
-    header = _header(job, hf_config, tokenizer, vocab_size, width, teacher, data, identity)
+    c = job.cache
+    head = c.top_k if c.mode != "sample" else 0
+    layout = Layout(c.format_version, c.mode, vocab_size, head, width - head, c.samples if c.mode != "topk" else 0,
+                    c.logprob_bits)
+    header = _header(job, hf_config, tokenizer, layout, teacher, data, identity)
     directory = join(job.cache.dir) if job.cache.dir else join(job.cache.root, header.fingerprint)
     sequences = {name: len(s.input_ids) for name, s in store.splits.items()}
     shards = plan_shards(sequences, job.cache.shard_size, get_format(job.cache.format).suffix)
-    return CachePlan(job, tokenizer, store.splits, vocab_size, width, header, directory, shards)
+    return CachePlan(job, tokenizer, store.splits, vocab_size, width, header, layout, directory, shards)

@@ -1,8 +1,8 @@
 """Reduce full-vocabulary logits to sparse soft targets, on the logits' device.
 
-The three reductions (``topk_targets``, ``sample_targets``, ``hybrid_targets``)
-take (n, V) float32 logits for n positions and return ``ids`` (n, W) int64,
-``logprobs`` (n, W) float32 and ``tail`` (n,) float32.
+Stage 1 stores ``topk_targets``, ``sample_draws`` and ``hybrid_draws`` of (n, V) float32 logits for n
+positions. ``sample_targets`` and ``hybrid_targets`` give the draws as training reads them: ``ids`` (n, W)
+int64, ``logprobs`` (n, W) float32 and ``tail`` (n,) float32.
 """
 from __future__ import annotations
 
@@ -44,61 +44,70 @@ def row_logsumexp(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
     return row_max + (logits - row_max).exp_().sum(dim=-1, keepdim=True).log_()
 
 
-def sample_targets(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, width: int):
+def sample_draws(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, width: int):
     """Draw N ids per position from softmax(logits / T) by inverse CDF.
 
     uniforms: (n, N) float32 in [0, 1), one row per position, so the draws
     depend only on the uniforms and not on how positions are chunked.
-    Returns the unique ids by descending count, log(count / N), padding
-    id -1 / log-prob -inf, and tail = -inf.
+    Returns the distinct drawn ids (n, width) int64 in ascending order and how often each was drawn (n, width)
+    int32, with id -1 and count 0 in unused slots, last.
     """
-    n, draws = uniforms.shape
     probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+    ids, counts = unique_counts(_inverse_cdf(probs, uniforms))
+    return ids[:, :width], counts[:, :width]
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """(n, V) probabilities (unnormalised is fine), (n, N) uniforms -> (n, N) int64 drawn ids."""
     cdf = probs.cumsum(dim=-1)
     # Scale by the row total so float rounding of the cumsum never pushes u past the end.
     targets = (uniforms * cdf[:, -1:]).contiguous()
-    sampled = torch.searchsorted(cdf, targets, right=True).clamp_(max=logits.shape[-1] - 1)
-    ids, counts = unique_counts(sampled)
-    ids, counts = ids[:, :width], counts[:, :width]
-    logprobs = torch.where(counts > 0, torch.log(counts / draws), torch.full_like(counts, -torch.inf))
-    tail = torch.full((n,), -torch.inf, device=logits.device)
-    return ids, logprobs, tail
+    return torch.searchsorted(cdf, targets, right=True).clamp_(max=probs.shape[-1] - 1)
+
+
+def sample_targets(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, width: int):
+    """``sample_draws`` as training reads it: ids, float32 log(count / N) (-inf when unused) and tail = -inf."""
+    ids, counts = sample_draws(logits, uniforms, temperature, width)
+    logprobs = torch.where(counts > 0, torch.log(counts / uniforms.shape[1]), -torch.inf)
+    return ids, logprobs, torch.full((len(ids),), -torch.inf, device=logits.device)
+
+
+def hybrid_draws(logits: torch.Tensor, k: int, uniforms: torch.Tensor, temperature: float, width: int):
+    """Exact top-k head plus an unbiased sample of the tail, in ``width`` sample slots.
+
+    The N draws come from the teacher renormalised outside the head; a drawn id's weight is
+    ``tail_mass * count / N``, so the expected weights equal the teacher's tail probabilities. Returns
+    ``topk_targets``' (head ids, head log-probs, log tail mass) and ``sample_draws``' (ids, counts).
+    """
+    head_ids, head_logprobs, tail_logprob = topk_targets(logits, k, temperature)
+    scaled = logits if temperature == 1.0 else logits / temperature
+    rest = torch.softmax(scaled, dim=-1).scatter(1, head_ids, 0.0)
+    ids, counts = unique_counts(_inverse_cdf(rest, uniforms))
+    return head_ids, head_logprobs, tail_logprob, ids[:, :width], counts[:, :width]
 
 
 def hybrid_targets(logits: torch.Tensor, k: int, uniforms: torch.Tensor, temperature: float):
-    """Exact top-k head plus an unbiased sample of the tail; returns width k + N.
-
-    The N draws come from the teacher renormalised outside the head; each
-    unique drawn id gets weight ``tail_mass * count / N``, so the expected
-    weights equal the teacher's tail probabilities and ``tail`` is -inf.
-    """
-    n, draws = uniforms.shape
-    scaled = logits if temperature == 1.0 else logits / temperature
-    head_ids, head_logprobs, tail_logprob = topk_targets(logits, k, temperature)
-    rest = torch.softmax(scaled, dim=-1).scatter(1, head_ids, 0.0)
-    cdf = rest.cumsum(dim=-1)
-    sampled = torch.searchsorted(cdf, (uniforms * cdf[:, -1:]).contiguous(), right=True).clamp_(max=logits.shape[-1] - 1)
-    ids, counts = unique_counts(sampled)
-    logprobs = torch.where(counts > 0, tail_logprob[:, None] + torch.log(counts / draws),
-                           torch.full_like(counts, -torch.inf))
-    tail = torch.full((n,), -torch.inf, device=logits.device)
+    """``hybrid_draws`` as training reads it: width k + N, sampled weights tail + log(count / N), tail -inf."""
+    head_ids, head_logprobs, tail_logprob, ids, counts = hybrid_draws(logits, k, uniforms, temperature,
+                                                                      uniforms.shape[1])
+    logprobs = torch.where(counts > 0, tail_logprob[:, None] + torch.log(counts / uniforms.shape[1]), -torch.inf)
+    tail = torch.full_like(tail_logprob, -torch.inf)
     return torch.cat([head_ids, ids], dim=1), torch.cat([head_logprobs, logprobs], dim=1), tail
 
 
 def unique_counts(draws: torch.Tensor):
-    """Row-wise unique values of (n, N) int64 with their counts, by descending count.
+    """Row-wise distinct values of (n, N) int64, ascending, with their counts.
 
-    Returns ids (n, N) with -1 in unused slots, and counts (n, N) float32.
+    Returns ids (n, N) int64 and counts (n, N) int32, with -1 and 0 in the unused slots, last.
     """
     ordered, _ = draws.sort(dim=1)
     starts = torch.ones_like(ordered, dtype=torch.bool)
     starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
     group = starts.long().cumsum(dim=1) - 1
-    counts = torch.zeros(draws.shape, dtype=torch.float32, device=draws.device)
+    counts = torch.zeros(draws.shape, dtype=torch.int32, device=draws.device)
     counts.scatter_add_(1, group, torch.ones_like(counts))
     ids = torch.full_like(ordered, -1).scatter_(1, group, ordered)
-    counts, order = counts.sort(dim=1, descending=True, stable=True)
-    return ids.gather(1, order), counts
+    return ids, counts
 
 
 def sequence_uniforms(seed: int, split_id: int, sequence: int, seq_len: int, draws: int) -> torch.Tensor:

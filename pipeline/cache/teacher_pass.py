@@ -13,7 +13,7 @@ from tqdm import tqdm
 from pipeline import preempt
 from pipeline.cache.config import TeacherConfig
 from pipeline.cache.plan import CachePlan
-from pipeline.cache.reduce import hybrid_targets, sample_targets, sequence_uniforms, topk_targets
+from pipeline.cache.reduce import hybrid_draws, sample_draws, sequence_uniforms, topk_targets
 from pipeline.errors import TeacherError
 from pipeline.hf import LogitHead, check_logit_head, hidden_states, input_device, load_model
 from pipeline.log import progress_bars
@@ -22,34 +22,47 @@ from storage.shard_writer import BackgroundShardWriter
 from storage.writer import ShardPlan
 
 SPLIT_IDS = {"train": 0, "eval": 1}
+HEAD_FIELDS = ("head_ids", "head_logprobs", "tail_logprob")
+SAMPLE_FIELDS = ("sample_ids", "sample_counts")
+TARGET_DTYPES = {"head_ids": torch.int32, "head_logprobs": torch.float32, "tail_logprob": torch.float32,
+                 "sample_ids": torch.int32, "sample_counts": torch.int32}
 
 
-def batch_targets(model, head: LogitHead, plan: CachePlan, split: str, first: int, input_ids: torch.Tensor):
-    """Soft targets for (B, T) int64 ids: ids (B, T, W) int32, logprobs float16, tail (B, T) float32, on CPU."""
-    c = plan.job.cache
+def _chunk_targets(plan: CachePlan, logits: torch.Tensor, uniforms: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The targets (``storage.schema``) of one chunk of (n, V) logits."""
+    c, layout = plan.job.cache, plan.layout
+    if c.mode == "topk":
+        return dict(zip(HEAD_FIELDS, topk_targets(logits, c.top_k, c.temperature)))
+    if c.mode == "hybrid":
+        parts = hybrid_draws(logits, c.top_k, uniforms, c.temperature, layout.sample_width)
+        return dict(zip(HEAD_FIELDS + SAMPLE_FIELDS, parts))
+    return dict(zip(SAMPLE_FIELDS, sample_draws(logits, uniforms, c.temperature, layout.sample_width)))
+
+
+def batch_targets(model, head: LogitHead, plan: CachePlan, split: str, first: int,
+                  input_ids: torch.Tensor) -> dict[str, np.ndarray]:
+    """Soft targets of (B, T) int64 ids, on the host: the mode's ``storage.schema`` target fields (head_ids
+    (B, T, K) int32, head_logprobs float32, tail_logprob (B, T) float32; sample_ids (B, T, S) int32,
+    sample_counts int32)."""
+    c, layout = plan.job.cache, plan.layout
     batch, seq_len = input_ids.shape
     flat = hidden_states(model, input_ids).reshape(batch * seq_len, -1)
-    out_ids = torch.empty((batch * seq_len, plan.width), dtype=torch.int32, device=flat.device)
-    out_logprobs = torch.empty((batch * seq_len, plan.width), dtype=torch.float16, device=flat.device)
-    out_tail = torch.empty(batch * seq_len, dtype=torch.float32, device=flat.device)
+    widths = {"head_ids": layout.head_width, "head_logprobs": layout.head_width, "tail_logprob": None,
+              "sample_ids": layout.sample_width, "sample_counts": layout.sample_width}
+    uniforms = None
     if c.mode != "topk":
         uniforms = torch.cat([
             sequence_uniforms(c.seed, SPLIT_IDS[split], first + b, seq_len, c.samples) for b in range(batch)
         ]).to(flat.device)
+    out: dict[str, torch.Tensor] = {}
     for lo in range(0, flat.shape[0], c.chunk_size):
         hi = min(lo + c.chunk_size, flat.shape[0])
-        logits = head(flat[lo:hi])
-        if c.mode == "topk":
-            ids, logprobs, tail = topk_targets(logits, c.top_k, c.temperature)
-        elif c.mode == "hybrid":
-            ids, logprobs, tail = hybrid_targets(logits, c.top_k, uniforms[lo:hi], c.temperature)
-            ids, logprobs = ids[:, : plan.width], logprobs[:, : plan.width]
-        else:
-            ids, logprobs, tail = sample_targets(logits, uniforms[lo:hi], c.temperature, plan.width)
-        out_ids[lo:hi], out_logprobs[lo:hi], out_tail[lo:hi] = ids, logprobs, tail
-    shape = (batch, seq_len)
-    return (out_ids.reshape(*shape, -1).cpu().numpy(), out_logprobs.reshape(*shape, -1).cpu().numpy(),
-            out_tail.reshape(shape).cpu().numpy())
+        for name, value in _chunk_targets(plan, head(flat[lo:hi]), uniforms[lo:hi] if uniforms is not None else None).items():
+            if name not in out:
+                shape = (flat.shape[0],) if widths[name] is None else (flat.shape[0], widths[name])
+                out[name] = torch.empty(shape, dtype=TARGET_DTYPES[name], device=flat.device)
+            out[name][lo:hi] = value
+    return {name: v.reshape(batch, seq_len, *v.shape[1:]).cpu().numpy() for name, v in out.items()}
 
 
 @dataclass
@@ -100,7 +113,7 @@ def load_teacher(plan: CachePlan, device: torch.device):
 
 def _shard_arrays(model, head: LogitHead, plan: CachePlan, shard: ShardPlan, progress,
                   times: PassTimes) -> dict[str, np.ndarray]:
-    """The five fields of one shard, computed batch by batch; stops at a preemption request."""
+    """The targets (``storage.schema``) of one shard, computed batch by batch; stops at a preemption request."""
     split = plan.splits[shard.split]
     device = input_device(model)
     rows = slice(shard.start, shard.start + shard.count)
@@ -116,9 +129,7 @@ def _shard_arrays(model, head: LogitHead, plan: CachePlan, shard: ShardPlan, pro
         times.teacher += time.perf_counter() - began
         progress.update(ids.numel())
     arrays = {"input_ids": split.input_ids[rows], "loss_mask": split.loss_mask[rows]}
-    for name, index in (("topk_ids", 0), ("topk_logprobs", 1), ("tail_logprob", 2)):
-        arrays[name] = np.concatenate([p[index] for p in parts])
-    return arrays
+    return arrays | {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 def write_shards(plan: CachePlan, todo: list[ShardPlan], device: torch.device, part: int, model,
@@ -129,8 +140,8 @@ def write_shards(plan: CachePlan, todo: list[ShardPlan], device: torch.device, p
     head = LogitHead.of(model)
     # One thread cannot keep up with a GPU teacher; on a CPU teacher a second would take a core from it.
     threads = 1 if device.type == "cpu" else min(4, os.cpu_count() or 1)
-    shard_writer = BackgroundShardWriter(plan.cache, get_format(c.format), c.compression_level, depth=threads + 1,
-                                   threads=threads)
+    shard_writer = BackgroundShardWriter(plan.cache, get_format(c.format), plan.layout, c.compression_level,
+                                         depth=threads + 1, threads=threads)
     total = sum(s.count for s in todo) * plan.job.data.seq_len
     progress = tqdm(total=total, unit="tok", unit_scale=True, desc=f"teacher pass (part {part})", file=sys.stderr,
                     disable=not progress_bars())
