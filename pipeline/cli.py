@@ -120,6 +120,17 @@ def _verify(args) -> int:
     return 1 if problems else 0
 
 
+def _export(args) -> int:
+    from pipeline.log import progress_bars
+    from storage.export import export_cache
+
+    s = export_cache(args.cache, args.out, args.format, split=args.split, max_sequences=args.max_sequences,
+                     start=args.start, overwrite=args.overwrite, progress=progress_bars())
+    print(f"exported {s['rows']} sequences ({s['split']} {s['start']}..{s['start'] + s['rows'] - 1}) of {s['cache']} "
+          f"to {s['out']}: {s['files']} {s['format']} files, {s['bytes'] / 1e6:.2f} MB")
+    return 0
+
+
 def _tokenizer(args) -> int:
     from pipeline.demo.tokenizer import build_tokenizer
 
@@ -210,6 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="re-hash every shard of a cache")
     verify.add_argument("directory")
     verify.set_defaults(run=_verify)
+
+    export = commands.add_parser("export", help="write a cache (or a slice) as a datasets folder or Parquet files",
+                                 description="Write a finished cache, or a slice of one split, as a Hugging Face "
+                                 "datasets folder (datasets.load_from_disk) or zstd Parquet files, with Axolotl's KD "
+                                 "columns (input_ids, labels, target_token_ids, target_logprobs, target_mask ...).")
+    export.add_argument("cache", help="the cache directory or URL")
+    export.add_argument("--out", required=True, help="a new or empty directory to write")
+    export.add_argument("--format", choices=["hf", "parquet"], default="hf",
+                        help="hf: a datasets.save_to_disk folder (default); parquet: data-*.parquet files")
+    export.add_argument("--split", default="train", help="the split to export (default: train)")
+    export.add_argument("--start", type=int, default=0, help="the first sequence, in manifest order (default: 0)")
+    export.add_argument("--max-sequences", type=int, help="at most this many sequences (default: all)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    export.set_defaults(run=_export)
 
     tokenizer = commands.add_parser("tokenizer", help="train the byte-level BPE on the shipped corpus")
     tokenizer.add_argument("--out", required=True)

@@ -51,3 +51,7 @@ class NoSpaceError(CacheError, OSError):
 
 class RemoteStorageError(CacheError, OSError):
     """An object store refused or failed a request after its retries; the message names the URL."""
+
+
+class ExportError(CacheError, ValueError):
+    """An export was asked for a split, slice or output directory that cannot be used; the message says why."""

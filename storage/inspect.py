@@ -58,6 +58,8 @@ def summarize(manifest: Manifest) -> dict:
         "mode": manifest.mode,
         "width": manifest.width,
         "format": manifest.format,
+        "format_version": manifest.format_version,
+        "logprob_bits": manifest.logprob_bits,
         "vocab_size": manifest.vocab_size,
         "seq_len": manifest.seq_len,
         "shards": len(manifest.shards),
@@ -72,6 +74,10 @@ def summarize(manifest: Manifest) -> dict:
     }
 
 
+def _bits(summary: dict) -> str:
+    return f", {summary['logprob_bits']}-bit log-probs" if summary.get("logprob_bits") else ""
+
+
 def format_summary(summary: dict) -> str:
     splits = ", ".join(f"{name}: {s['sequences']} seqs / {s['tokens']} tokens in {s['shards']} shards"
                        for name, s in summary["splits"].items())
@@ -79,8 +85,8 @@ def format_summary(summary: dict) -> str:
         f"cache        {summary['directory']}",
         f"fingerprint  {summary['fingerprint']}",
         f"teacher      {summary['teacher']} (vocab {summary['vocab_size']})",
-        f"targets      {summary['mode']}, width {summary['width']}, {summary['format']} shards, "
-        f"seq_len {summary['seq_len']}",
+        f"targets      {summary['mode']}, width {summary['width']}, {summary['format']} shards "
+        f"(format {summary['format_version']}{_bits(summary)}), seq_len {summary['seq_len']}",
         f"splits       {splits}",
         f"size         {summary['bytes'] / 1e6:.2f} MB, {summary['bytes_per_token']:.1f} bytes/token",
         f"unique ids   {summary['mean_unique_ids']:.2f} per position (of {summary['width']} slots; "
