@@ -42,14 +42,18 @@ def join_planes(stored: dict[str, np.ndarray], name: str, dtype: np.dtype) -> np
 
 
 def ascending(ids: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    """Sort each row of (..., W) ``ids`` ascending with unused slots (-1) last, and ``others`` alike."""
-    order = np.argsort(np.where(ids < 0, np.iinfo(np.int64).max, ids.astype(np.int64)), axis=-1, kind="stable")
+    """Sort each row of (..., W) int32 ``ids`` ascending with unused slots (-1) last, and ``others`` alike.
+
+    The used ids of a row are distinct and the unused slots alike, so an unstable sort gives one order.
+    """
+    keys = np.where(ids < 0, np.iinfo(ids.dtype).max, ids) if (ids < 0).any() else ids
+    order = np.argsort(keys, axis=-1)  # introsort: about 4x faster here than a stable sort
     return [np.take_along_axis(a, order, axis=-1) for a in (ids, *others)]
 
 
 def delta_encode(ids: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Ascending (..., W) ids with unused slots (-1) last -> differences to the previous id, 0 when unused."""
-    deltas = np.diff(ids.astype(np.int64), axis=-1, prepend=0)
+    deltas = np.diff(ids, axis=-1, prepend=np.zeros_like(ids[..., :1]))
     return np.where(ids >= 0, deltas, 0).astype(dtype)
 
 

@@ -18,6 +18,7 @@ def test_quick_bench_writes_every_section(tmp_path, capsys):
         assert isinstance(records, list) and records, section
         assert all(isinstance(r, dict) and all(not isinstance(v, dict) for v in r.values()) for r in records)
     assert {"bytes_per_token", "write_tok_per_s", "read_tok_per_s", "grad_angle_deg", "param_angle_deg"} <= results["storage"][0].keys()
+    assert {"format_version", "logprob_bits", "bytes_per_entry", "write_mb_per_s"} <= results["storage"][0].keys()
     assert {"cache_over_forward", "cache_over_forward_spread", "end_to_end_over_forward"} <= results["stage1"][0].keys()
     assert {"kd_topk_over_ce", "online_over_kd_sample"} <= results["stage2"][0].keys()
     assert [r["data_factor"] for r in results["scaling"]] == [1, 4, 16]

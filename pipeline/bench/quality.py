@@ -24,6 +24,8 @@ QUALITY_SETTINGS = [
     ("ce_only", "topk8", ["loss.kind=ce"]),
     *[(f"topk{k}_{tail}", f"topk{k}", [f"loss.tail={tail}"]) for k in (8, 64)
       for tail in ("bucket", "ground_truth", "renormalize")],
+    # 8-bit head log-probs, with the tail handling of the best top-64 arm (ground truth, in `make bench`).
+    ("topk64_8bit_ground_truth", "topk64_8bit", ["loss.tail=ground_truth"]),
     ("topk64_bucket_alpha0.5", "topk64", ["loss.alpha=0.5"]),
     ("sample50", "sample50", []),
     ("sample100", "sample100", []),
@@ -35,6 +37,7 @@ KEY_SETTINGS = ("ce_only", "sample50", "sample100", "hybrid8+24", "online_full_k
 CACHE_SETTINGS = {
     "topk8": ["cache.mode=topk", "cache.top_k=8"],
     "topk64": ["cache.mode=topk", "cache.top_k=64"],
+    "topk64_8bit": ["cache.mode=topk", "cache.top_k=64", "cache.logprob_bits=8"],
     "sample50": ["cache.mode=sample", "cache.samples=50"],
     "sample100": ["cache.mode=sample", "cache.samples=100"],
     "hybrid8+24": ["cache.mode=hybrid", "cache.top_k=8", "cache.samples=24"],

@@ -24,7 +24,8 @@ from pipeline.bench.remote_read import DEFAULT_SHARD_SEQUENCES, remote_read_reco
 from pipeline.bench.scaling import memory_records as stage1_memory_records
 from pipeline.bench.stage1 import run_settings
 from pipeline.bench.stage2 import memory_records, peak_rss_of_training, step_ratios
-from pipeline.bench.storage import StudentGradients, default_settings, model_logits, storage_records
+from pipeline.bench.storage import StudentGradients, model_logits, storage_records
+from pipeline.bench.storage_settings import default_settings
 from pipeline.cache.config import CacheJob
 from pipeline.cache.run import run_cache
 from pipeline.config_loading import load_config
@@ -188,8 +189,9 @@ def scaling_records(teacher: Path, size: dict, out: Path) -> list[dict]:
 
 def results_markdown(results: dict) -> str:
     sections = [
-        ("Storage", "storage", ["format", "mode", "k", "level", "bytes_per_token", "mean_ids", "bytes_per_entry",
-                                "write_tok_per_s", "read_tok_per_s", "grad_angle_deg", "param_angle_deg"]),
+        ("Storage", "storage", ["format", "format_version", "mode", "k", "samples", "logprob_bits", "level",
+                                "bytes_per_token", "mean_ids", "bytes_per_entry", "write_mb_per_s", "write_tok_per_s",
+                                "read_tok_per_s", "grad_angle_deg", "param_angle_deg"]),
         ("Storage from S3 (moto on loopback; student = stage-2 cached sample KD step)", "storage_remote",
          ["source", "read_tok_per_s", "read_spread", "over_student", "at_least_10x", "student_tok_per_s", "shards",
           "shard_mb", "download_s", "download_mb_per_s", "first_use_extra_s", "cpu", "note"]),

@@ -1,11 +1,16 @@
-"""Storage benchmark: bytes/token, write and read speed per backend and setting, and fidelity per byte.
+"""Storage benchmark: bytes/token, write and read speed per backend, format version and setting, and
+fidelity per byte.
+
+Every setting (``pipeline.bench.storage_settings``) stores the same teacher's targets; each is written as
+shards through the storage writer and read back through the reader, in interleaved repeats.
 
 Fidelity is the angle between the gradient of the cached KD loss and that of
 full-vocabulary forward KL, on a held-out batch, for a partly trained
-student. It is reported twice: for the student's logits, all positions
-concatenated, where per-position sampling noise adds up; and for the
-student's parameters, the gradient an optimizer step actually uses, where
-that noise averages out over positions while the bias of top-k does not.
+student, computed from the shard as training reads it back (so 8-bit
+log-probs show their effect). It is reported twice: for the student's logits,
+all positions concatenated, where per-position sampling noise adds up; and
+for the student's parameters, the gradient an optimizer step actually uses,
+where that noise averages out over positions while the bias of top-k does not.
 """
 from __future__ import annotations
 
@@ -18,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache.reduce import hybrid_targets, sample_targets, sequence_uniforms, topk_targets
+from pipeline.bench.remote_read import cpu_model
+from pipeline.bench.storage_settings import setting_layout, setting_targets, target_key
 from pipeline.hf import LogitHead, hidden_states
 from pipeline.train.losses import dense_forward_kl, kd_loss
 from storage.formats import get_format
+from storage.layout import Layout
 from storage.manifest import Manifest, fingerprint, read_manifest
 from storage.reader import sequential_batches
 from storage.writer import CacheDirectory, ShardPlan
@@ -40,49 +47,43 @@ def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.degrees(math.acos(max(-1.0, min(1.0, cosine))))
 
 
-def targets_for(teacher_logits: torch.Tensor, setting: dict, seq_len: int):
-    """Reduce (N, V) teacher logits as a cache of ``setting`` would store them (ids, fp16-rounded log-probs, tail)."""
-    if setting["mode"] == "topk":
-        return _rounded(*topk_targets(teacher_logits, setting["k"], 1.0))
-    draws = setting.get("samples", setting["k"])
-    uniforms = torch.cat([sequence_uniforms(0, 0, i, seq_len, draws) for i in range(len(teacher_logits) // seq_len)])
-    if setting["mode"] == "hybrid":
-        return _rounded(*hybrid_targets(teacher_logits, setting["k"], uniforms, 1.0))
-    return _rounded(*sample_targets(teacher_logits, uniforms, 1.0, min(draws, teacher_logits.shape[-1])))
+def bench_manifest(layout: Layout, fmt, level: int) -> Manifest:
+    """The manifest header of a cache of ``layout`` in backend ``fmt``: what ``Layout.of`` reads back."""
+    v3, sampled = layout.version == 3, layout.mode == "sample"
+    return Manifest(format_version=layout.version, vocab_size=layout.vocab_size, mode=layout.mode,
+                    top_k=None if sampled else layout.head_width, samples=layout.samples or None,
+                    width=layout.head_width + layout.sample_width, format=fmt.name,
+                    compression={"codec": "zstd", "level": level}, dtypes=layout.columns(),
+                    logprob_bits=layout.logprob_bits if v3 and not sampled else None)
 
 
-def _rounded(ids, logprobs, tail):
-    """Log-probs as stored: float16."""
-    return ids, logprobs.half().float(), tail
+def _write_cache(directory: Path, fmt, layout: Layout, targets: dict, copies: int, level: int) -> float:
+    """Write ``copies`` shards of ``targets`` through the storage writer; return the seconds spent on shards.
 
-
-def _shard_arrays(input_ids: np.ndarray, ids, logprobs, tail) -> dict[str, np.ndarray]:
-    n, seq_len = input_ids.shape
-    width = ids.shape[-1]
-    return {"input_ids": input_ids.astype(np.int32), "topk_ids": ids.reshape(n, seq_len, width).numpy().astype(np.int32),
-            "topk_logprobs": logprobs.reshape(n, seq_len, width).numpy().astype(np.float16),
-            "tail_logprob": tail.reshape(n, seq_len).numpy().astype(np.float32),
-            "loss_mask": np.ones((n, seq_len), dtype=np.uint8)}
-
-
-def _write_cache(directory: Path, fmt, arrays: dict, copies: int, level: int) -> float:
-    """Write ``copies`` shards of ``arrays`` through the storage writer; return the seconds spent on shards.
-
-    The timing covers encoding, compression, the atomic write and the sha256
-    of each shard. Done records and the manifest (a fixed cost per shard,
-    about 0.3 ms for the fsync of a record here) are written after it.
+    The timing covers what stage 1's writer thread does per shard: ``layout.encode`` (validation, sorting,
+    delta coding, byte planes, 8-bit quantisation), compression, the atomic write and the sha256. Done
+    records and the manifest (a fixed cost per shard, about 0.3 ms for the fsync of a record here) are
+    written after it.
     """
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     cache = CacheDirectory(directory, fingerprint({"storage_benchmark": str(directory)}))
-    plans = [ShardPlan("train", index, 0, len(arrays["input_ids"]), fmt.suffix) for index in range(copies)]
+    plans = [ShardPlan("train", index, 0, len(targets["input_ids"]), fmt.suffix) for index in range(copies)]
     start = time.perf_counter()
-    records = [cache.encode_shard(plan, fmt, arrays, level) for plan in plans]
+    records = [cache.encode_shard(plan, fmt, layout.encode(targets), level) for plan in plans]
     seconds = time.perf_counter() - start
     for plan, record in zip(plans, records):
         cache.mark_done(plan, record)
-    cache.assemble(plans, Manifest(format=fmt.name), lambda folder: folder.mkdir())
+    cache.assemble(plans, bench_manifest(layout, fmt, level), lambda folder: folder.mkdir())
     return seconds
+
+
+def _read_seconds(directory: Path) -> float:
+    """Seconds to read every shard through the full reader path: checksums, decoding, torch tensors."""
+    start = time.perf_counter()
+    for _batch in sequential_batches(directory, "train", 64, verify=True):
+        pass
+    return time.perf_counter() - start
 
 
 def model_logits(model_dir: Path, input_ids: np.ndarray, keep_graph: bool = False):
@@ -112,50 +113,53 @@ class StudentGradients:
 
 def storage_records(teacher_logits: torch.Tensor, student: StudentGradients, input_ids: np.ndarray,
                     settings: list[dict], scratch: Path, copies: int = 8, repeats: int = 3) -> list[dict]:
-    """One record per setting: bytes/token, write and read tokens/s (medians), unique ids and gradient angles."""
-    seq_len = input_ids.shape[1]
-    s = student.logits.clone().requires_grad_(True)
-    (full,) = torch.autograd.grad(dense_forward_kl(s, teacher_logits).sum(), s)
-    full_parameters = student.parameter_gradient(full)
-    prepared = []
-    for setting in settings:
-        ids, logprobs, tail = targets_for(teacher_logits, setting, seq_len)
-        cached = cached_gradient(student.logits, ids, logprobs, tail)
-        angles = {"grad_angle_deg": angle_degrees(cached, full),
-                  "param_angle_deg": angle_degrees(student.parameter_gradient(cached), full_parameters)}
-        unique = float((ids >= 0).sum(-1).float().mean())
-        prepared.append((setting, _shard_arrays(input_ids, ids, logprobs, tail), angles, unique))
-    timings = {i: {"write": [], "read": []} for i in range(len(prepared))}
-    sizes = {}
+    """One record per setting (``pipeline.bench.storage_settings``): sizes, write and read speed (medians over
+    interleaved repeats, with min-max spreads) and gradient angles."""
+    layouts = [setting_layout(s, teacher_logits.shape[-1]) for s in settings]
+    targets: dict[tuple, dict] = {}
+    for s, layout in zip(settings, layouts):
+        if target_key(s) not in targets:
+            targets[target_key(s)] = setting_targets(teacher_logits, s, layout, input_ids)
+    timings = [{"write": [], "read": []} for _ in settings]
     for _ in range(repeats):  # interleave the settings so machine noise hits them alike
-        for i, (setting, arrays, _, _) in enumerate(prepared):
-            fmt = get_format(setting["format"])
+        for i, (s, layout) in enumerate(zip(settings, layouts)):
             directory = scratch / f"setting-{i}"
-            timings[i]["write"].append(_write_cache(directory, fmt, arrays, copies, setting["level"]))
-            start = time.perf_counter()
-            for _batch in sequential_batches(directory, "train", 64, verify=True):
-                pass
-            timings[i]["read"].append(time.perf_counter() - start)
-            sizes[i] = read_manifest(directory).bytes
-    records = []
-    tokens = input_ids.size * copies
-    for i, (setting, _, angles, unique) in enumerate(prepared):
-        write, read = timings[i]["write"], timings[i]["read"]
-        records.append({**setting, "bytes_per_token": sizes[i] / tokens,
-                        "write_tok_per_s": tokens / statistics.median(write),
-                        "write_spread": [tokens / max(write), tokens / min(write)],
-                        "read_tok_per_s": tokens / statistics.median(read),
-                        "read_spread": [tokens / max(read), tokens / min(read)],
-                        "mean_ids": unique, "bytes_per_entry": sizes[i] / tokens / max(unique, 1e-9), **angles})
+            timings[i]["write"].append(_write_cache(directory, get_format(s["format"]), layout,
+                                                    targets[target_key(s)], copies, s["level"]))
+            timings[i]["read"].append(_read_seconds(directory))
+    full = full_gradients(student, teacher_logits)
+    records = [_record(s, scratch / f"setting-{i}", timings[i], student, full, len(input_ids))
+               for i, s in enumerate(settings)]
     shutil.rmtree(scratch, ignore_errors=True)
     return records
 
 
-def default_settings() -> list[dict]:
-    settings = [{"format": fmt, "mode": "topk", "k": k, "level": 3} for fmt in ("arrow", "zarr") for k in (8, 32, 64, 128)]
-    settings += [{"format": fmt, "mode": "sample", "k": 50, "level": 3} for fmt in ("arrow", "zarr")]
-    settings += [{"format": "arrow", "mode": mode, "k": k, "level": level}
-                 for mode, k in (("topk", 64), ("sample", 50)) for level in (1, 9)]
-    settings += [{"format": "arrow", "mode": "hybrid", "k": 8, "samples": 24, "level": 3},
-                 {"format": "arrow", "mode": "sample", "k": 100, "level": 3}]
-    return settings
+def full_gradients(student: StudentGradients, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of full-vocabulary forward KL for the student's logits and for its parameters."""
+    s = student.logits.clone().requires_grad_(True)
+    (full,) = torch.autograd.grad(dense_forward_kl(s, teacher_logits).sum(), s)
+    return full, student.parameter_gradient(full)
+
+
+def gradient_angles(student: StudentGradients, full: tuple[torch.Tensor, torch.Tensor], batch: dict) -> dict:
+    """Angles between the cached loss's gradients on a reader ``batch`` of the positions and ``full``'s."""
+    width = batch["topk_ids"].shape[-1]
+    cached = cached_gradient(student.logits, batch["topk_ids"].reshape(-1, width),
+                             batch["topk_logprobs"].reshape(-1, width), batch["tail_logprob"].reshape(-1))
+    return {"grad_angle_deg": angle_degrees(cached, full[0]),
+            "param_angle_deg": angle_degrees(student.parameter_gradient(cached), full[1])}
+
+
+def _record(s: dict, directory: Path, timing: dict, student: StudentGradients,
+            full: tuple[torch.Tensor, torch.Tensor], sequences: int) -> dict:
+    manifest = read_manifest(directory)
+    tokens, size = manifest.tokens, manifest.bytes
+    batch = next(sequential_batches(directory, "train", sequences))  # shard 0, as training reads it
+    used = float((batch["topk_ids"] >= 0).sum(-1).float().mean())
+    write, read = timing["write"], timing["read"]
+    return {**s, "bytes_per_token": size / tokens, "mean_ids": used, "bytes_per_entry": size / tokens / max(used, 1e-9),
+            "write_mb_per_s": size / 1e6 / statistics.median(write),
+            "write_tok_per_s": tokens / statistics.median(write),
+            "write_spread": [tokens / max(write), tokens / min(write)],
+            "read_tok_per_s": tokens / statistics.median(read), "read_spread": [tokens / max(read), tokens / min(read)],
+            **gradient_angles(student, full, batch), "cpu": cpu_model(), "repeats": len(write)}
