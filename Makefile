@@ -7,7 +7,7 @@ DEMO := runs/demo
 # on CPU machines. On a GPU machine the same pin installs the CUDA wheel.
 TORCH := torch==2.13.0
 
-.PHONY: install test demo demo-teacher bench chaos lint clean
+.PHONY: install test demo demo-teacher bench bench-smoke chaos lint clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ demo: demo-teacher
 
 bench: demo-teacher
 	$(BIN)/distillery bench --out bench-results --teacher $(DEMO)/teacher/final
+
+# The slow runs of benchmark code that `make test` skips: `distillery bench --quick` end to end (a smoke test of
+# every section, never a timing) and the stage-1 peak-RSS check: about 3 min on 2 cores.
+bench-smoke: install
+	BENCH_SMOKE=1 $(BIN)/python -m pytest -q -m bench_smoke tests
 
 # Random kills and preemption signals for every stage, disk full and concurrent jobs: 10 min on 2 cores.
 # `make test` runs a fast subset of the same sweeps.

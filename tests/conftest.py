@@ -16,6 +16,23 @@ VOCAB = 512
 os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", "256")
 
 
+BENCH_SMOKE = os.environ.get("BENCH_SMOKE") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bench_smoke: a slow run of benchmark code that `make bench-smoke` runs, "
+                                       "not `make test`")
+
+
+def pytest_collection_modifyitems(config, items):
+    if BENCH_SMOKE:
+        return
+    skip = pytest.mark.skip(reason="BENCH_SMOKE=1 only: `make bench-smoke` runs it")
+    for item in items:
+        if item.get_closest_marker("bench_smoke"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def default_verbosity():
     """Each test starts at the default log level: ``-q`` or ``-v`` given to an earlier ``cli.main`` stays set

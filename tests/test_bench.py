@@ -10,6 +10,7 @@ from pipeline import cli
 SECTIONS = ("storage", "storage_remote", "stage1", "stage2", "quality", "scaling", "parallel")
 
 
+@pytest.mark.bench_smoke  # 140 s on a 2-core Xeon, a fifth of make test
 def test_quick_bench_writes_every_section(tmp_path, capsys):
     assert cli.main(["bench", "--out", str(tmp_path), "--quick"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())

@@ -64,6 +64,7 @@ def test_max_tokens_stops_reading_documents(tmp_path, tokenizer_dir, corpus_json
     assert train.documents < 1200
 
 
+@pytest.mark.bench_smoke  # a memory figure: the bench's stage1_memory section measures it at full size
 def test_peak_rss_of_a_part_stays_flat_when_data_grows_10x(tmp_path, llama_dir):
     from pipeline.bench.scaling import memory_records
 

@@ -2,8 +2,8 @@
 
 ``make test`` runs a fast subset (``CHAOS_SCALE=fast``): 2 or 3 ``kill -9`` per stage (Arrow only for
 stage 1), one preemption sweep (stage 2, one signal), disk full for stage 1 and the concurrency cases.
-Cases marked ``full_scale`` (the Zarr kill sweep, the stage 1 and 3 preemption sweeps, disk full for stages
-2 and 3) are skipped there and run only with ``CHAOS_SCALE=full``. ``make chaos`` sets ``CHAOS_SCALE=full``
+Cases marked ``full_scale`` (the Zarr kill sweep, the stage 3 kill sweep, the stage 1 and 3 preemption sweeps,
+disk full for stages 2 and 3) are skipped there and run only with ``CHAOS_SCALE=full``. ``make chaos`` sets ``CHAOS_SCALE=full``
 and ``CHAOS_RESULTS`` and gets ``results.json`` and ``results.md`` there.
 """
 from __future__ import annotations

@@ -51,6 +51,7 @@ def test_stage2_survives_random_kills(tmp_path, reference_cache, reference_train
                             "final weights bitwise, every step logged once with the same loss")
 
 
+@pytest.mark.full_scale  # stage 3 runs stages 1 and 2, whose kill sweeps make test keeps
 def test_stage3_survives_random_kills(tmp_path, llama_dir, corpus_jsonl, reference_run, scale, seed, chaos_results):
     reference, wall = reference_run
     sweep = Sweep("run", run_command(llama_dir, corpus_jsonl), wall, f"{seed}-run", KILL)
