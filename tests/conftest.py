@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import skip_marked
 
 from pipeline.demo.init_model import build_model
 from pipeline.demo.tokenizer import build_tokenizer, corpus_texts
@@ -25,12 +26,8 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if BENCH_SMOKE:
-        return
-    skip = pytest.mark.skip(reason="BENCH_SMOKE=1 only: `make bench-smoke` runs it")
-    for item in items:
-        if item.get_closest_marker("bench_smoke"):
-            item.add_marker(skip)
+    if not BENCH_SMOKE:
+        skip_marked(items, "bench_smoke", "BENCH_SMOKE=1 only: `make bench-smoke` runs it")
 
 
 @pytest.fixture(autouse=True)

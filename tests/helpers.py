@@ -13,6 +13,14 @@ from storage.layout import read_shard
 from storage.manifest import read_manifest
 
 
+def skip_marked(items, marker: str, reason: str) -> None:
+    """Skip every collected test that carries ``marker`` (for markers that only a make target enables)."""
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if item.get_closest_marker(marker):
+            item.add_marker(skip)
+
+
 def make_targets(layout, n: int = 5, seq_len: int = 7, seed: int = 0, high_ids: bool = True) -> dict[str, np.ndarray]:
     """Random targets (``storage.schema``) for ``layout``: distinct head ids by descending log-prob, a few -inf
     log-probs, and distinct sampled ids with counts summing to N, some slots unused; with ``high_ids`` the

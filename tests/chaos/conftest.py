@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import skip_marked
 from jobs import cache_overrides, distillery, run_command, timed, train_overrides
 
 # Interruptions per sweep, by scale.
@@ -32,12 +33,8 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if FULL_SCALE:
-        return
-    skip = pytest.mark.skip(reason="CHAOS_SCALE=full only: `make chaos` runs it")
-    for item in items:
-        if item.get_closest_marker("full_scale"):
-            item.add_marker(skip)
+    if not FULL_SCALE:
+        skip_marked(items, "full_scale", "CHAOS_SCALE=full only: `make chaos` runs it")
 
 
 @pytest.fixture(scope="session")
