@@ -64,7 +64,7 @@ def markdown_table(records: list[dict], columns: list[str]) -> str:
 
 
 def stage1_settings(out: Path, teacher: Path, size: dict) -> list[list[str]]:
-    base = [f"teacher.model={teacher}", "teacher.dtype=bf16", f"data.path={CORPUS}", f"data.seq_len={size['seq_len']}",
+    base = [f"teacher.model={teacher}", "teacher.dtype=auto", f"data.path={CORPUS}", f"data.seq_len={size['seq_len']}",
             f"data.max_tokens={size['stage1_tokens']}", f"cache.dir={out / 'scratch-cache'}", "cache.shard_size=64",
             "device=cpu"]
     modes = [["cache.mode=topk", "cache.top_k=64"], ["cache.mode=sample", "cache.samples=50"]]

@@ -130,7 +130,7 @@ def measure_one(overrides: list[str], keep: bool = False) -> dict:
     if not keep:
         shutil.rmtree(plan.directory)
     return {
-        "format": job.cache.format, "mode": job.cache.mode, "width": plan.width, "dtype": job.teacher.dtype,
+        "format": job.cache.format, "mode": job.cache.mode, "width": plan.width, "dtype": plan.teacher_dtype,
         "chunk_size": job.cache.chunk_size, "tokens": tokens,
         "cache_tok_per_s": tokens / cache_seconds, **interleaved,
         "teacher_s": times.teacher, "writer_wait_s": times.writer_wait, "final_flush_s": times.final_flush,

@@ -17,7 +17,8 @@ class TeacherConfig:
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load; recorded in the manifest."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Weight dtype for the teacher pass; ``auto`` keeps the checkpoint's dtype."""
+    """Compute dtype of the teacher pass, part of the cache's fingerprint. ``auto``: bf16 where the device runs it
+    natively (a GPU with bf16, a CPU with AVX-512-BF16 or AMX), else fp16 on a GPU and fp32 on a CPU."""
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint to run. Only enable for repos you trust."""
     device_map: str | None = None

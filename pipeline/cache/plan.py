@@ -11,7 +11,14 @@ from pipeline.config_loading import to_dict
 from pipeline.data.pack import PackedSplit, data_identity
 from pipeline.data.store import TokenStore, token_store
 from pipeline.errors import ConfigError, DataError, TeacherError
-from pipeline.hf import load_config_and_tokenizer, max_positions, teacher_identity, tokenizer_sha256
+from pipeline.hf import (
+    compute_dtype,
+    load_config_and_tokenizer,
+    max_positions,
+    resolve_device,
+    teacher_identity,
+    tokenizer_sha256,
+)
 from storage.atomic import ensure_writable
 from storage.formats import get_format
 from storage.layout import Layout
@@ -33,6 +40,8 @@ class CachePlan:
     """The manifest without its shards; ``CacheDirectory.assemble`` completes it."""
     layout: Layout
     """How every shard stores its targets."""
+    teacher_dtype: str
+    """The dtype the teacher computes in (``teacher.dtype``, with ``auto`` resolved for this device)."""
     directory: Path | str
     """The cache's location: a local path, or a URL."""
     shards: list[ShardPlan]
@@ -62,14 +71,15 @@ def _check_against_model(job: CacheJob, hf_config) -> int:
     return vocab_size
 
 
-def _fingerprint_identity(job: CacheJob, teacher: dict, tokenizer_hash: str, data: dict, width: int) -> dict:
+def _fingerprint_identity(job: CacheJob, teacher: dict, tokenizer_hash: str, data: dict, width: int,
+                          teacher_dtype: str) -> dict:
     """What the fingerprint hashes: every setting that changes the bytes of a shard."""
     c = job.cache
     return {
         "format_version": c.format_version,
         "logprob_bits": c.logprob_bits if c.mode != "sample" else None,
         "teacher": {k: teacher[k] for k in ("weights_sha256",)} if teacher["weights_sha256"] else teacher,
-        "teacher_dtype": job.teacher.dtype,
+        "teacher_dtype": teacher_dtype,  # resolved: an auto bf16 cache and an auto fp32 one differ
         "tokenizer_sha256": tokenizer_hash,
         "data_sha256": data["sha256"],
         "seq_len": job.data.seq_len,
@@ -92,7 +102,7 @@ def _header(job: CacheJob, hf_config, tokenizer, layout: Layout, teacher: dict, 
         format_version=layout.version,
         fingerprint=fingerprint(identity),
         created_by=f"distillery {__version__}",
-        teacher={**teacher, "dtype": job.teacher.dtype, "model_type": getattr(hf_config, "model_type", None)},
+        teacher={**teacher, "dtype": identity["teacher_dtype"], "model_type": getattr(hf_config, "model_type", None)},
         tokenizer={"sha256": identity["tokenizer_sha256"], "length": len(tokenizer),
                    "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
         vocab_size=layout.vocab_size,
@@ -143,7 +153,9 @@ def make_plan(job: CacheJob) -> CachePlan:
     width = slot_width(job.cache.mode, job.cache.top_k, job.cache.samples, vocab_size)
     teacher = teacher_identity(job.teacher.model, job.teacher.revision, hf_config, local_dir=job.cache.local_dir)
     data = data_identity(job.data, store.documents, store.sha256)
-    identity = _fingerprint_identity(job, teacher, tokenizer_sha256(tokenizer), data, width)
+    # Every part of a cache resolves ``auto`` alike on alike nodes; a part on other hardware gets another fingerprint.
+    teacher_dtype = compute_dtype(job.teacher.dtype, resolve_device(job.device))
+    identity = _fingerprint_identity(job, teacher, tokenizer_sha256(tokenizer), data, width, teacher_dtype)
     c = job.cache
     head = c.top_k if c.mode != "sample" else 0
     layout = Layout(c.format_version, c.mode, vocab_size, head, width - head, c.samples if c.mode != "topk" else 0,
@@ -152,4 +164,4 @@ def make_plan(job: CacheJob) -> CachePlan:
     directory = join(job.cache.dir) if job.cache.dir else join(job.cache.root, header.fingerprint)
     sequences = {name: len(s.input_ids) for name, s in store.splits.items()}
     shards = plan_shards(sequences, job.cache.shard_size, get_format(job.cache.format).suffix)
-    return CachePlan(job, tokenizer, store.splits, vocab_size, width, header, layout, directory, shards)
+    return CachePlan(job, tokenizer, store.splits, vocab_size, width, header, layout, teacher_dtype, directory, shards)

@@ -99,7 +99,7 @@ def _placement(teacher: TeacherConfig, device: torch.device) -> dict | None:
 def load_teacher(plan: CachePlan, device: torch.device):
     """The teacher in its configured dtype and placement, with its logit head checked against its own forward."""
     t = plan.job.teacher
-    model = load_model(t.model, device, t.dtype, t.revision, t.trust_remote_code, placement=_placement(t, device),
+    model = load_model(t.model, device, plan.teacher_dtype, t.revision, t.trust_remote_code, placement=_placement(t, device),
                        local_dir=plan.job.cache.local_dir)
     head = LogitHead.of(model)
     if head.vocab_size != plan.vocab_size:

@@ -82,7 +82,7 @@ class LiveTeacherConfig:
     """How the teacher named by ``loss.teacher_live`` is loaded."""
 
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Weight dtype of the live teacher; ``auto`` keeps the checkpoint's dtype."""
+    """Compute dtype of the live teacher; ``auto`` chooses for the device as ``teacher.dtype`` does."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the live teacher."""
     trust_remote_code: bool = False
@@ -144,6 +144,10 @@ class TrainConfig:
     """Positions per student-logit chunk in the loss (bounds the fp32 (positions x vocab) memory)."""
     num_workers: int = 0
     """DataLoader worker processes for the cache reader (a prefetch thread always runs)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Student compute dtype under autocast (weights and AdamW state stay fp32). ``auto``: bf16 where the device
+    runs it natively (a GPU with bf16, a CPU with AVX-512-BF16 or AMX), else fp32. FSDP2 casts with its own
+    bf16 policy instead."""
     strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"
     """``single``: one process; ``ddp``: DistributedDataParallel replicas; ``fsdp``: FSDP2 shards (one unit per
     decoder layer, bf16 compute on GPU), for students whose weights and AdamW state do not fit one GPU.

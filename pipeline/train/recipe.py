@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pipeline import preempt
 from pipeline.dist import all_reduce_sum, any_rank, barrier, init_process_group, world
-from pipeline.hf import LogitHead, load_model, resolve_device
+from pipeline.hf import LogitHead, compute_dtype, load_model, resolve_device
 from pipeline.log import get_logger, progress_bars
 from pipeline.train.checkpoint import CHECKPOINTS, publish_checkpoint, restore_rng, save_checkpoint
 from pipeline.train.config import LiveTeacherConfig, Phase, StudentConfig, TrainConfig
@@ -79,6 +79,7 @@ class TrainingRecipe:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         init_process_group(self.world, single_process_group=self.strategy != "single")
+        self.precision = compute_dtype(self.cfg.precision, self.device, allow_fp16=False, what="student compute")
         self._lock_out_dir()
         self.model = build_student(self.student_cfg, self.source.vocab_size, self.source.tokenizer)
         self.model = self.model.to(self.device).train()
@@ -99,6 +100,8 @@ class TrainingRecipe:
             state = found.state
             self.step, self.tokens, self.samples_sha256 = state["step"], state["tokens"], state["samples_sha256"]
             log.info(f"resumed from {found.path} at step {self.step} ({state['world_size']} -> {self.world.size} ranks)")
+            if state.get("precision", self.precision) != self.precision:  # a requeue onto other hardware
+                log.warning(f"the checkpoint was trained in {state['precision']}; this node continues in {self.precision}")
         if self.world.is_main:  # only now: a refused job must not leave its config beside another run's checkpoints
             write_text(self.out / CONFIG_NAME, self.config_yaml)
         if self.complete:
@@ -147,8 +150,8 @@ class TrainingRecipe:
         counts = all_reduce_sum(sum(token_counts(b) for b in micro), self.world)
         kd_tokens, ce_tokens = counts.tolist()
         autocast = nullcontext()
-        if device.type == "cuda" and self.strategy != "fsdp":  # FSDP2's mixed-precision policy casts instead
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.precision == "bf16" and self.strategy != "fsdp":  # FSDP2's mixed-precision policy casts instead
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16)
         scale = gradient_scale(self.strategy, self.world)
         local_loss = 0.0
         for index, batch in enumerate(micro):
@@ -187,7 +190,7 @@ class TrainingRecipe:
         state = {"step": self.step, "tokens": self.tokens, "samples": self.step * o.global_batch,
                  "samples_sha256": self.samples_sha256, "strategy": self.strategy, "world_size": o.world_size,
                  "global_batch": o.global_batch, "batch_size": o.batch_size, "grad_accum": o.grad_accum,
-                 "settings": result_settings(self.config_yaml)}
+                 "precision": self.precision, "settings": result_settings(self.config_yaml)}
         path = save_checkpoint(self.out / CHECKPOINTS, self.model, self.optimizer, self.scheduler, state,
                                self.cfg.keep_checkpoints, self.world)
         if self.world.is_main:
