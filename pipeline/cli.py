@@ -6,6 +6,7 @@ import json
 import sys
 import textwrap
 
+from pipeline.bench.commands import add_parsers
 from pipeline.cache.config import CacheJob
 from pipeline.errors import CheckpointError, ConfigError, DataError, TeacherError
 from pipeline.log import get_logger, set_verbosity
@@ -146,10 +147,10 @@ def _init_model(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
-    from pipeline.bench.run import run_bench
+def _convert_gguf(args) -> int:
+    from pipeline.gguf import convert_gguf
 
-    print(run_bench(args.out, quick=args.quick, teacher=args.teacher))
+    print(convert_gguf(args.model, args.gguf_file, args.out, overwrite=args.overwrite))
     return 0
 
 
@@ -251,12 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--max-positions", type=int, default=1024)
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(run=_init_model)
-    bench = commands.add_parser("bench", help="run the benchmarks; write results.json and results.md")
-    bench.add_argument("--out", required=True, help="output directory")
-    bench.add_argument("--quick", action="store_true", help="tiny smoke run, not a timing")
-    bench.add_argument("--teacher", help="pretrained teacher folder for the storage and quality sections "
-                                         "(`make bench` passes the demo teacher)")
-    bench.set_defaults(run=_bench)
+    gguf = commands.add_parser("convert-gguf", help="write a GGUF model (dequantised to fp32) and its tokenizer "
+                               "as an ordinary save_pretrained folder")
+    gguf.add_argument("--model", required=True, help="a .gguf file, or the folder holding it")
+    gguf.add_argument("--gguf-file", help="the file's name in the --model folder (needed when it holds several)")
+    gguf.add_argument("--out", required=True, help="a new or empty directory to write")
+    gguf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    gguf.set_defaults(run=_convert_gguf)
+    add_parsers(commands)  # bench and study
     return parser
 
 

@@ -1,5 +1,7 @@
 """Hugging Face models for both stages: device choice, loading, content hashes, and the chunked logit head.
 
+A model may also be one GGUF file in such a folder (``gguf_file``, see ``pipeline.gguf``).
+
 A model may also be a folder at a URL (``s3://.../round-1/train/final``, a previous round's student): transformers
 loads only local folders and hub ids, so it is loaded from a local copy under ``local_dir``, downloaded once per
 process, from which its config, tokenizer, weights and weights hash are all read.
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import TeacherError
+from pipeline.gguf import file_sha256, gguf_arguments, gguf_error
 from pipeline.log import get_logger
 from storage.errors import CacheNotFoundError
 from storage.mirror import local_folder
@@ -55,19 +58,23 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def compute_dtype(requested: str, device: torch.device, allow_fp16: bool = True, what: str = "teacher") -> str:
+def compute_dtype(requested: str, device: torch.device, allow_fp16: bool = True) -> str:
     """The dtype name to compute in: ``requested`` itself unless it is ``auto``, which picks bf16 where
-    ``device`` runs it natively, else fp16 on a GPU (when ``allow_fp16``) and fp32 on a CPU. Logs an auto choice."""
+    ``device`` runs it natively, else fp16 on a GPU (when ``allow_fp16``) and fp32 on a CPU."""
     if requested != "auto":
         return requested
     if native_bf16(device):
-        chosen, why = "bf16", "native bf16"
-    elif device.type == "cuda" and allow_fp16:
-        chosen, why = "fp16", "this GPU has no bf16"
-    else:
-        chosen, why = "fp32", f"no native bf16 on {device.type}"
-    log.info(f"{what} dtype: {chosen} (auto: {why} on {device_description(device)})")
-    return chosen
+        return "bf16"
+    return "fp16" if device.type == "cuda" and allow_fp16 else "fp32"
+
+
+def dtype_choice(requested: str, chosen: str, device: torch.device) -> str:
+    """``chosen`` with why, for the log: ``fp32 (auto: no native bf16 on CPU (AVX2))``. Callers log it once the
+    model is ready, so that a job refused earlier prints its one error line and nothing else."""
+    if requested != "auto":
+        return f"{chosen} (as set)"
+    why = {"bf16": "native bf16", "fp16": "this GPU has no bf16"}.get(chosen, "no native bf16")
+    return f"{chosen} (auto: {why} on {device_description(device)})"
 
 
 def device_description(device: torch.device) -> str:
@@ -111,17 +118,26 @@ def _check_local(name: str, key: str, local_dir: str | os.PathLike | None = None
     return source
 
 
+def _gguf(source: str, gguf_file: str | None) -> dict:
+    """``from_pretrained`` arguments that pick ``gguf_file`` in ``source`` (none without one)."""
+    return gguf_arguments(source, gguf_file) if gguf_file else {}
+
+
 def load_config_and_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False,
-                              key: str = "teacher.model", local_dir: str | os.PathLike | None = None):
-    """Load a model's HF config and tokenizer without its weights; ``key`` names the setting in errors."""
+                              key: str = "teacher.model", local_dir: str | os.PathLike | None = None,
+                              gguf_file: str | None = None):
+    """Load a model's HF config and tokenizer without its weights (from its file ``gguf_file`` when given);
+    ``key`` names the setting in errors."""
     from transformers import AutoConfig, AutoTokenizer
 
     source = _check_local(name, key, local_dir)
-    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, **_gguf(source, gguf_file)}
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
+        if gguf_file:
+            raise gguf_error(gguf_file, load_failure(exc)) from exc
         raise TeacherError(f"{key} {name!r} could not be loaded: {load_failure(exc)}") from exc
     return config, tokenizer
 
@@ -136,9 +152,9 @@ def max_positions(config) -> int | None:
 
 def load_model(name: str, device: torch.device, dtype: str = "auto", revision: str | None = None,
                trust_remote_code: bool = False, key: str = "teacher.model", placement: dict | None = None,
-               local_dir: str | os.PathLike | None = None):
-    """Load a causal LM's weights in ``dtype`` (``auto``: chosen for ``device`` by ``compute_dtype``) onto
-    ``device``, in eval mode.
+               local_dir: str | os.PathLike | None = None, gguf_file: str | None = None):
+    """Load a causal LM's weights (dequantised from its file ``gguf_file`` when given) in ``dtype`` (``auto``:
+    chosen for ``device`` by ``compute_dtype``) onto ``device``, in eval mode.
 
     ``placement`` holds extra ``from_pretrained`` arguments that place the
     weights themselves (``device_map`` and ``max_memory``, or a tensor-parallel
@@ -149,9 +165,11 @@ def load_model(name: str, device: torch.device, dtype: str = "auto", revision: s
     source = _check_local(name, key, local_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, revision=revision, trust_remote_code=trust_remote_code, dtype=DTYPES[compute_dtype(dtype, device, what=key)],
-            **(placement or {}))
+            source, revision=revision, trust_remote_code=trust_remote_code, dtype=DTYPES[compute_dtype(dtype, device)],
+            **_gguf(source, gguf_file), **(placement or {}))
     except (OSError, ValueError) as exc:
+        if gguf_file:
+            raise gguf_error(gguf_file, load_failure(exc)) from exc
         raise TeacherError(f"{key} {name!r}: weights could not be loaded: {load_failure(exc)}") from exc
     return (model if placement else model.to(device)).eval()
 
@@ -227,10 +245,15 @@ def weights_sha256(model_dir: Path) -> str | None:
     return digest.hexdigest()
 
 
-def teacher_identity(name: str, revision: str | None, config, local_dir: str | os.PathLike | None = None) -> dict:
+def teacher_identity(name: str, revision: str | None, config, local_dir: str | os.PathLike | None = None,
+                     gguf_file: str | None = None) -> dict:
     """Teacher name, resolved revision and, for folders (local, or the local copy of one at a URL), the
-    weight-file hash."""
+    weight-file hash: with ``gguf_file``, that file's sha256 (as ``sha256sum`` prints it), which it names."""
     local = Path(local_model(name, local_dir)).expanduser()
+    if gguf_file:
+        digest = file_sha256(local / gguf_file) if local.is_dir() else None
+        revision = None if local.is_dir() else getattr(config, "_commit_hash", None) or revision
+        return {"name": name, "gguf_file": gguf_file, "revision": revision, "weights_sha256": digest}
     if local.is_dir():
         return {"name": name, "revision": None, "weights_sha256": weights_sha256(local)}
     return {"name": name, "revision": getattr(config, "_commit_hash", None) or revision, "weights_sha256": None}

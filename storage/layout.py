@@ -69,9 +69,15 @@ class Layout:
         check_targets(targets, self.head_width, self.sample_width)
         return self._codec.encode(self, targets)
 
-    def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Stored columns -> reader arrays (``storage.schema.READER_FIELDS``)."""
-        return self._codec.decode(self, stored)
+    def decode(self, stored: dict[str, np.ndarray], counts: bool = False) -> dict[str, np.ndarray]:
+        """Stored columns -> reader arrays (``storage.schema.READER_FIELDS``); with ``counts`` (format 3, a sample
+        or hybrid cache), also the stored draw counts (``storage.layout_v3.decode``)."""
+        if not counts:
+            return self._codec.decode(self, stored)
+        if self.version != 3 or not self.sample_width:
+            raise ValueError(f"draw counts are stored only by format-3 sample and hybrid caches, not by this "
+                             f"format-{self.version} {self.mode} cache")
+        return layout_v3.decode(self, stored, counts=True)
 
     def columns(self) -> dict[str, str]:
         """Each stored column's dtype and per-sequence shape, e.g. ``uint8 (T, S)``: what the manifest records."""

@@ -83,9 +83,11 @@ def encode(layout, targets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def decode(layout, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Format-3 columns -> reader arrays (``storage.schema.READER_FIELDS``)."""
-    ids, logprobs = [], []
+def decode(layout, stored: dict[str, np.ndarray], counts: bool = False) -> dict[str, np.ndarray]:
+    """Format-3 columns -> reader arrays (``storage.schema.READER_FIELDS``); with ``counts``, also the sampled
+    slots' ``sample_counts`` (n, T, S) and, for a hybrid, ``sample_base`` (n, T), as ``storage.subsample``
+    needs them."""
+    ids, logprobs, extra = [], [], {}
     n, seq_len = stored["input_ids"].shape
     tail = np.full((n, seq_len), -np.inf, dtype=np.float32)
     if layout.head_width:
@@ -97,11 +99,13 @@ def decode(layout, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                                                 stored["head_logprob_scale"]))
         tail = stored["tail_logprob"].astype(np.float32)
     if layout.sample_width:
-        counts = join_planes(stored, "sample_count", layout.count_dtype)
-        ids.append(delta_decode(join_planes(stored, "sample_id_delta", layout.id_dtype), counts > 0))
+        drawn = join_planes(stored, "sample_count", layout.count_dtype)
+        ids.append(delta_decode(join_planes(stored, "sample_id_delta", layout.id_dtype), drawn > 0))
         base = tail if layout.head_width else None  # a hybrid's draws share out the mass outside its head
-        logprobs.append(count_logprobs(counts, layout.samples, base).astype(np.float32))
+        logprobs.append(count_logprobs(drawn, layout.samples, base).astype(np.float32))
+        if counts:
+            extra = {"sample_counts": drawn, **({"sample_base": base} if base is not None else {})}
         tail = np.full((n, seq_len), -np.inf, dtype=np.float32)  # the draws stand for all of it
     return {"input_ids": stored["input_ids"].astype(np.int32), "topk_ids": np.concatenate(ids, axis=-1),
             "topk_logprobs": np.concatenate(logprobs, axis=-1), "tail_logprob": tail,
-            "loss_mask": stored["loss_mask"]}
+            "loss_mask": stored["loss_mask"], **extra}

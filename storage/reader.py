@@ -23,6 +23,7 @@ from storage.layout import Layout
 from storage.manifest import Manifest
 from storage.remote_shards import PREFETCH_SHARDS, open_cache
 from storage.stream import ShardRows, StreamOrder, StreamState, iterate_batches, shard_schedule
+from storage.subsample import FreshDraws
 
 BATCH_DTYPES = {"input_ids": np.int64, "topk_ids": np.int64, "topk_logprobs": np.float32,
                 "tail_logprob": np.float32, "loss_mask": np.bool_, "sample_index": np.int64}
@@ -40,8 +41,9 @@ class ShardLoader:
     ``upcoming`` (shard indices in the order the reader first needs them; default: manifest order).
     """
 
-    def __init__(self, manifest: Manifest, split: str, verify: bool = True, upcoming: Iterator[int] | None = None):
-        self.manifest, self.verify = manifest, verify
+    def __init__(self, manifest: Manifest, split: str, verify: bool = True, upcoming: Iterator[int] | None = None,
+                 counts: bool = False):
+        self.manifest, self.verify, self.counts = manifest, verify, counts
         self.records = manifest.shards_for(split)
         self.format = get_format(manifest.format)
         self.layout = Layout.of(manifest)
@@ -69,7 +71,7 @@ class ShardLoader:
             path = self.manifest.shard_path(record)
         if self.manifest.remote:
             self._prefetch_after(index)
-        return self.layout.decode(self.format.read(path))
+        return self.layout.decode(self.format.read(path), counts=self.counts)
 
 
 class SoftTargetStream(IterableDataset):
@@ -77,14 +79,17 @@ class SoftTargetStream(IterableDataset):
 
     ``order`` fixes the batches of this rank (the caller passes its rank and
     world size). Use it with ``DataLoader(stream, batch_size=None, num_workers=N)``;
-    the order does not depend on N.
+    the order does not depend on N. With ``draws_per_epoch`` (a format-3 sample
+    or hybrid cache), every epoch trains on a fresh subset of that many of each
+    position's stored draws (``storage.subsample``).
     """
 
     def __init__(self, cache: str | Path | Manifest, order: StreamOrder, split: str = "train",
                  start: StreamState | None = None, verify: bool = True, max_open_shards: int = 4,
-                 prefetch_depth: int = 4):
+                 prefetch_depth: int = 4, draws_per_epoch: int | None = None):
         self.manifest = cache if isinstance(cache, Manifest) else open_cache(cache)
         directory = self.manifest.location
+        self.draws_per_epoch = draws_per_epoch
         self.order, self.split, self.start, self.verify = order, split, start or StreamState(), verify
         self.max_open_shards, self.prefetch_depth = max_open_shards, prefetch_depth
         self.sizes = ShardLoader(self.manifest, split, verify=False).sizes
@@ -107,10 +112,13 @@ class SoftTargetStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         first_epoch = self.start.samples // self.order.global_batch // max(self.steps_per_epoch, 1)
         upcoming = shard_schedule(len(self.sizes), self.order.seed, first_epoch)
-        loader = ShardLoader(self.manifest, self.split, self.verify, upcoming)
+        loader = ShardLoader(self.manifest, self.split, self.verify, upcoming, counts=bool(self.draws_per_epoch))
         rows = ShardRows(loader, self.sizes, self.max_open_shards)
+        fresh = None
+        if self.draws_per_epoch:
+            fresh = FreshDraws(self.draws_per_epoch, loader.layout.samples, loader.layout.head_width, self.order.seed)
         batches = iterate_batches(rows, self.sizes, self.order, self.start, worker=worker, num_workers=workers,
-                                  depth=self.prefetch_depth)
+                                  depth=self.prefetch_depth, transform=fresh)
         for batch in batches:
             yield to_tensors(batch)
 

@@ -118,12 +118,16 @@ class ShardRows:
 
 
 def iterate_batches(rows: ShardRows, shard_sizes: list[int], order: StreamOrder, start: StreamState, *,
-                    worker: int = 0, num_workers: int = 1, depth: int = 4) -> Iterator[dict[str, np.ndarray]]:
+                    worker: int = 0, num_workers: int = 1, depth: int = 4,
+                    transform: Callable[[dict[str, np.ndarray], int], dict[str, np.ndarray]] | None = None,
+                    ) -> Iterator[dict[str, np.ndarray]]:
     """Yield this (rank, worker)'s micro-batches from ``start`` on, endlessly, prefetched on a background thread.
 
     Micro-batches are numbered across epochs, so the round-robin deal to
     workers stays in step over epoch boundaries. Each batch also carries
     ``sample_index`` (B,) int64: its samples' global indices, for audit logs.
+    ``transform(batch, epoch)``, if given, rewrites each batch on that thread;
+    it must be a pure function of the batch and epoch (``storage.subsample``).
     """
     steps = order.steps_per_epoch(sum(shard_sizes))
     if steps == 0:
@@ -140,6 +144,7 @@ def iterate_batches(rows: ShardRows, shard_sizes: list[int], order: StreamOrder,
                 epoch = micro // per_epoch
                 samples = epoch_order(shard_sizes, order.seed, epoch, order.shuffle_buffer)
             picked = micro_batch_samples(samples, micro % per_epoch, order)
-            yield {**rows.gather(picked), "sample_index": picked}
+            batch = {**rows.gather(picked), "sample_index": picked}
+            yield transform(batch, epoch) if transform else batch
 
     return prefetch(produce(), depth)

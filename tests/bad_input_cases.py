@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from gguf_files import bad_gguf_cases
 from helpers import STUDENT, cache_args, train, train_args
 
 
@@ -166,6 +167,7 @@ CASES = [
          ("data.seq_len: 4096 exceeds the teacher's maximum positions (256)",), CACHE_OUT),
     Case("top-k-beyond-vocab", lambda i: cache_cmd(i, **{"cache.top_k": 100000}),
          ("cache.top_k: 100000 exceeds the teacher's vocab size (512)",), CACHE_OUT),
+    *bad_gguf_cases(Case, cache_cmd, CACHE_OUT),  # teacher.gguf_file and convert-gguf
     # stage 1: the data
     Case("text-field-not-found", lambda i: cache_cmd(i, **{"data.text_field": "body"}),
          ("data.text_field 'body'", "['text', 'id']"), CACHE_OUT),
@@ -254,6 +256,10 @@ CASES = [
          TRAIN_OUT),
     Case("missing-eval-dir", lambda i: train_cmd(i, **{"cache.eval_dir": i.tmp / "no-such-cache"}),
          ("cache.eval_dir", "no-such-cache", "no manifest.json"), TRAIN_OUT),
+    Case("draws-per-epoch-zero", lambda i: train_cmd(i, **{"cache.draws_per_epoch": 0}),
+         ("cache.draws_per_epoch: must be >= 1 or null", "got 0"), TRAIN_OUT),
+    Case("draws-per-epoch-on-topk-cache", lambda i: train_cmd(i, **{"cache.draws_per_epoch": 4}),
+         ("cache.draws_per_epoch=4 needs a sample or hybrid cache", "is a topk cache"), TRAIN_OUT),
     Case("train-device-tpu", lambda i: train_cmd(i, device="tpu"), ("device: must be auto, cpu, cuda or cuda:N, got 'tpu'",),
          TRAIN_OUT),
     Case("changed-config-on-out-dir", changed_config,

@@ -104,3 +104,16 @@ def test_chat_needs_a_template(tokenizer_dir, tmp_path):
     (tmp_path / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     with pytest.raises(DataError, match="chat_template"):
         prepare_splits(DataConfig(path=str(tmp_path / "chat.jsonl"), seq_len=16, format="chat"), tokenizer)
+
+
+def test_eval_max_tokens_caps_the_held_out_split_only(tokenizer_dir, tmp_path):
+    """The first held-out rows are kept, whole; the training split is what it was."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    path = tmp_path / "docs.txt"
+    path.write_text("\n".join(f"document {i} " + "word " * 300 for i in range(20)))
+    settings = {"path": str(path), "seq_len": 32, "holdout_fraction": 0.5}
+    full = prepare_splits(DataConfig(**settings), tokenizer)
+    capped = prepare_splits(DataConfig(**settings, eval_max_tokens=100), tokenizer)
+    assert len(full["eval"].input_ids) > 3 and len(capped["eval"].input_ids) == 3  # 100 // 32 whole rows
+    np.testing.assert_array_equal(capped["eval"].input_ids, full["eval"].input_ids[:3])
+    np.testing.assert_array_equal(capped["train"].input_ids, full["train"].input_ids)

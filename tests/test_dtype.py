@@ -12,7 +12,6 @@ from pipeline import hf
 from pipeline.cache.config import CacheJob
 from pipeline.cache.plan import make_plan
 from pipeline.config_loading import load_config
-from pipeline.log import get_logger
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda:0")
 
@@ -29,21 +28,13 @@ def cpu_bf16(monkeypatch):
     return set_native
 
 
-@pytest.fixture
-def propagate_logs():
-    """Let pytest's caplog see the ``distillery`` logger, which does not propagate to the root."""
-    root = get_logger("hf").parent
-    root.propagate = True
-    yield
-    root.propagate = False
-
-
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
-def test_auto_on_cpu_is_bf16_only_with_native_support(cpu_bf16, native, expected, caplog, propagate_logs):
+def test_auto_on_cpu_is_bf16_only_with_native_support(cpu_bf16, native, expected):
     cpu_bf16(native)
-    with caplog.at_level("INFO", logger="distillery"):
-        assert hf.compute_dtype("auto", CPU) == expected
-    assert f"teacher dtype: {expected} (auto:" in caplog.text  # the choice is logged with its reason
+    assert hf.compute_dtype("auto", CPU) == expected
+    # the log line names the choice and why
+    assert hf.dtype_choice("auto", expected, CPU).startswith(f"{expected} (auto: {'native' if native else 'no native'} bf16")
+    assert hf.dtype_choice("fp32", "fp32", CPU) == "fp32 (as set)"
 
 
 def test_amx_counts_as_native_bf16(cpu_bf16, monkeypatch):
@@ -91,7 +82,7 @@ def test_the_fingerprint_holds_the_resolved_teacher_dtype(cpu_bf16, llama_dir, c
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
 def test_the_student_computes_in_bf16_only_with_native_support(cpu_bf16, monkeypatch, native, expected,
-                                                                 llama_dir, corpus_jsonl, tmp_path):
+                                                                 llama_dir, corpus_jsonl, tmp_path, capfd):
     """The training step runs under bf16 autocast exactly when ``auto`` picks bf16; the checkpoint records it."""
     from helpers import cache
 
@@ -110,5 +101,6 @@ def test_the_student_computes_in_bf16_only_with_native_support(cpu_bf16, monkeyp
     out = tmp_path / "run"
     train(train_args(directory, out, **{"train.steps": 2, "train.checkpoint_every": 2, "train.eval_every": 0}))
     assert (("cpu", torch.bfloat16) in seen) == native
+    assert f"student computes in {expected} (auto:" in capfd.readouterr().err
     state = json.loads(next((out / "checkpoints").glob("*/state.json")).read_text())
     assert state["precision"] == expected

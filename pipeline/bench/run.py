@@ -19,16 +19,20 @@ from pathlib import Path
 import torch
 
 from pipeline.bench.parallel import strategy_records
-from pipeline.bench.quality import CACHE_SETTINGS, quality_records, summarize_quality, train_and_score
+from pipeline.bench.quality import (
+    CACHE_SETTINGS,
+    build_cache,
+    quality_records,
+    summarize_quality,
+    train_and_score,
+    train_common,
+)
 from pipeline.bench.remote_read import DEFAULT_SHARD_SEQUENCES, remote_read_records
 from pipeline.bench.scaling import memory_records as stage1_memory_records
 from pipeline.bench.stage1 import run_settings
 from pipeline.bench.stage2 import memory_records, peak_rss_of_training, step_ratios
 from pipeline.bench.storage import StudentGradients, model_logits, storage_records
 from pipeline.bench.storage_settings import default_settings
-from pipeline.cache.config import CacheJob
-from pipeline.cache.run import run_cache
-from pipeline.config_loading import load_config
 from pipeline.demo.init_model import build_model
 from pipeline.demo.tokenizer import CORPUS, build_tokenizer
 from storage.atomic import write_text
@@ -84,16 +88,11 @@ def _given_teacher(teacher: Path | None, quick: bool) -> Path | None:
 
 
 def _cache(teacher: Path, out: Path, size: dict, extra: list[str], max_tokens: int | None = None) -> Path:
-    overrides = [f"teacher.model={teacher}", f"data.path={CORPUS}", f"data.seq_len={size['quality_seq']}",
-                 "data.holdout_fraction=0.02", f"data.max_tokens={max_tokens or size['quality_tokens']}",
-                 f"cache.root={out / 'caches'}", "cache.shard_size=64", "device=cpu", *extra]
-    return run_cache(load_config(CacheJob, None, overrides)).directory
+    return build_cache(teacher, out, size["quality_seq"], max_tokens or size["quality_tokens"], extra)
 
 
 def _train_common(size: dict, student: dict) -> list[str]:
-    return [f"student.config={json.dumps(student)}", f"train.steps={size['steps']}", f"train.batch_size={size['batch']}",
-            "train.lr=0.003", "train.warmup_steps=5", "train.eval_every=0", "train.eval_batches=4",
-            "train.checkpoint_every=0", "train.log_every=5", "device=cpu"]
+    return train_common(student, size["steps"], size["batch"])
 
 
 def run_bench(out: str | Path, quick: bool = False, teacher: str | Path | None = None) -> Path:

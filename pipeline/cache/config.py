@@ -6,6 +6,7 @@ from typing import Literal
 
 from pipeline.config_loading import device_problem, need, raise_problems
 from pipeline.data.config import DataConfig
+from pipeline.gguf import same_folder, split_gguf_path
 from storage.layout import FORMAT_VERSIONS, MAX_SAMPLES
 from storage.mirror import DEFAULT_LOCAL_BYTES
 
@@ -14,6 +15,12 @@ from storage.mirror import DEFAULT_LOCAL_BYTES
 class TeacherConfig:
     model: str = ""
     """Local path or hub id of a causal LM, loaded with ``AutoModelForCausalLM.from_pretrained``."""
+    gguf_file: str | None = None
+    """A llama.cpp GGUF file to load the teacher from (config, tokenizer with its chat template, and weights,
+    dequantised into ``dtype``; needs the ``gguf`` extra): a file name in ``model``'s folder, or the file's path
+    (then ``model`` may be left out, or must be the folder holding it). The fingerprint covers the file's sha256.
+    It applies to ``model`` only: in ``distillery run`` a round whose teacher is a previous student does not
+    inherit it."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load; recorded in the manifest."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -33,6 +40,7 @@ class TeacherConfig:
 
     def __post_init__(self):
         raise_problems(
+            self._split_gguf_path(),  # first: it may fill in ``model``
             need(bool(self.model), "model", "is required (a local path or a hub id)"),
             need(self.gpus_per_part >= 1, "gpus_per_part", f"must be >= 1, got {self.gpus_per_part}"),
             need(self.gpus_per_part <= 1 or self.device_map is not None, "gpus_per_part",
@@ -40,6 +48,18 @@ class TeacherConfig:
             need(not (self.device_map and self.parallel == "tensor"), "parallel",
                  "tensor parallelism places the weights itself; unset teacher.device_map"),
         )
+
+    def _split_gguf_path(self) -> tuple[str, str] | None:
+        """Turn a ``gguf_file`` path into ``model`` (its folder) and ``gguf_file`` (its name); a problem when
+        ``model`` names another folder."""
+        folder, name = split_gguf_path(self.gguf_file) if self.gguf_file else (None, None)
+        if folder is None:
+            return None
+        if self.model and not same_folder(self.model, folder):
+            return ("gguf_file", f"{self.gguf_file!r} is not in teacher.model {self.model!r}; give its name alone "
+                                 "(a file in that folder), or its path without teacher.model")
+        self.model, self.gguf_file = self.model or folder, name
+        return None
 
 
 @dataclass

@@ -139,7 +139,7 @@ def prepare_tokens(job: CacheJob) -> tuple[object, object, int, TokenStore]:
         refuse_foreign(Mirror(job.cache.dir, job.cache.local_dir))  # before the token store goes into someone else's folder
     t = job.teacher
     hf_config, tokenizer = load_config_and_tokenizer(t.model, t.revision, t.trust_remote_code,
-                                                     local_dir=job.cache.local_dir)
+                                                     local_dir=job.cache.local_dir, gguf_file=t.gguf_file)
     vocab_size = _check_against_model(job, hf_config)
     store = token_store(_store_root(job), job.data, tokenizer, tokenizer_sha256(tokenizer))
     if store.max_id >= vocab_size:
@@ -151,7 +151,8 @@ def make_plan(job: CacheJob) -> CachePlan:
     """Validate everything that can be checked without the teacher's weights."""
     hf_config, tokenizer, vocab_size, store = prepare_tokens(job)
     width = slot_width(job.cache.mode, job.cache.top_k, job.cache.samples, vocab_size)
-    teacher = teacher_identity(job.teacher.model, job.teacher.revision, hf_config, local_dir=job.cache.local_dir)
+    teacher = teacher_identity(job.teacher.model, job.teacher.revision, hf_config, local_dir=job.cache.local_dir,
+                               gguf_file=job.teacher.gguf_file)
     data = data_identity(job.data, store.documents, store.sha256)
     # Every part of a cache resolves ``auto`` alike on alike nodes; a part on other hardware gets another fingerprint.
     teacher_dtype = compute_dtype(job.teacher.dtype, resolve_device(job.device))

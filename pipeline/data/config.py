@@ -34,6 +34,9 @@ class DataConfig:
     """Split of ``eval_path`` to read; defaults to ``split``."""
     max_tokens: int | None = None
     """Keep at most this many training tokens (whole sequences); ``null`` keeps all."""
+    eval_max_tokens: int | None = None
+    """Keep at most this many held-out tokens (whole sequences, from the first held-out documents); ``null``
+    keeps all. Long documents make a small ``holdout_fraction`` many tokens, which the teacher pass pays for."""
     seed: int = 0
     """Seed of the held-out document selection."""
     num_proc: int = 1
@@ -53,5 +56,7 @@ class DataConfig:
                 "set either eval_path or holdout_fraction, not both",
             ),
             need(self.max_tokens is None or self.max_tokens >= self.seq_len, "max_tokens", "must be >= seq_len"),
+            need(self.eval_max_tokens is None or self.eval_max_tokens >= self.seq_len, "eval_max_tokens",
+                 "must be >= seq_len (or null: every held-out token)"),
             need(self.num_proc >= 1, "num_proc", f"must be >= 1, got {self.num_proc}"),
         )

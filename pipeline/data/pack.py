@@ -157,14 +157,19 @@ def _check_split(cfg: DataConfig, name: str, packer: RowPacker) -> None:
         raise DataError(f"the {name} split of {cfg.path!r} has no target tokens (no responses); check data.format")
 
 
+def _row_limit(tokens: int | None, seq_len: int) -> int | None:
+    return None if tokens is None else max(1, tokens // seq_len)
+
+
 def pack_documents(cfg: DataConfig, tokenizer, sinks: dict) -> dict[str, RowPacker]:
     """Read, split, tokenize and pack the data into ``sinks`` (one per name of ``split_names``), batch by batch.
 
-    ``data.max_tokens`` stops reading training documents once its rows exist.
+    ``data.max_tokens`` stops reading training documents once its rows exist; ``data.eval_max_tokens`` drops
+    held-out rows beyond its own.
     """
     eos_id, pad_id = special_ids(tokenizer)
-    limit = max(1, cfg.max_tokens // cfg.seq_len) if cfg.max_tokens is not None else None
-    packers = {name: RowPacker(cfg.seq_len, pad_id, sink, limit if name == "train" else None)
+    limits = {"train": cfg.max_tokens, "eval": cfg.eval_max_tokens}
+    packers = {name: RowPacker(cfg.seq_len, pad_id, sink, _row_limit(limits.get(name), cfg.seq_len))
                for name, sink in sinks.items()}
     for name, encoded in routed_batches(cfg, make_encoder(cfg, tokenizer), lambda: packers["train"].full):
         ids, targets = batch_stream(encoded, eos_id)
@@ -203,6 +208,7 @@ def data_identity(cfg: DataConfig, documents: dict[str, int], sha256: str) -> di
         "holdout_fraction": cfg.holdout_fraction,
         "seed": cfg.seed,
         "max_tokens": cfg.max_tokens,
+        "eval_max_tokens": cfg.eval_max_tokens,
         "documents": documents,
         "sha256": sha256,
     }

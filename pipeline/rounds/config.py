@@ -3,7 +3,9 @@
 Top-level ``teacher``, ``data``, ``cache``, ``train`` and ``loss`` are the
 defaults; each entry of ``rounds`` may override any of them and must give a
 ``student``. Round 1's teacher is ``teacher.model``; round n's is the final
-student of round n-1 unless the round names ``teacher.model`` itself.
+student of round n-1 unless the round names ``teacher.model`` itself. ``teacher.gguf_file`` goes with the
+configured ``teacher.model`` only: a round whose teacher is another model (a previous student, a
+``save_pretrained`` folder) does not inherit it.
 
 ``run.dir`` may be a URL: the run then works in a local copy under ``cache.local_dir`` (``run_mirror``), and
 each round trains into ``<run.dir>/round-N/train``, a URL too, which training mirrors itself.
@@ -16,6 +18,7 @@ from pipeline.cache.config import CacheConfig, CacheJob, TeacherConfig
 from pipeline.config_loading import build_config, merge, need, raise_problems
 from pipeline.data.config import DataConfig
 from pipeline.errors import ConfigError
+from pipeline.gguf import same_folder, split_gguf_path
 from pipeline.train.config import TrainJob
 from storage.mirror import Mirror, join
 
@@ -90,15 +93,27 @@ def previous_final(job: RunJob, index: int) -> str:
 
 def teacher_of(job: RunJob, index: int) -> str:
     """Round ``index``'s teacher: explicit, round 1's configured teacher, or the previous final student."""
-    explicit = _round(job, index).get("teacher", {}).get("model")
+    own = _round(job, index).get("teacher", {})
+    explicit = own.get("model") or split_gguf_path(own.get("gguf_file") or "")[0]  # a GGUF path names its folder
     if explicit:
         return explicit
     return job.teacher.model if index == 1 else previous_final(job, index)
 
 
+def round_teacher(job: RunJob, index: int) -> dict:
+    """Round ``index``'s ``teacher`` settings: the defaults with the round's own on top, its model from
+    ``teacher_of``, and the default ``gguf_file`` only where that model is the configured ``teacher.model``."""
+    own = _round(job, index).get("teacher", {})
+    model = teacher_of(job, index)
+    teacher = merge(asdict(job.teacher), {**own, "model": model})
+    if "gguf_file" not in own and not same_folder(model, job.teacher.model):
+        teacher["gguf_file"] = None
+    return teacher
+
+
 def cache_job(job: RunJob, index: int) -> CacheJob:
     entry = _round(job, index)
-    teacher = merge(asdict(job.teacher), {**entry.get("teacher", {}), "model": teacher_of(job, index)})
+    teacher = round_teacher(job, index)
     return build_config(CacheJob, {"teacher": teacher, "data": merge(asdict(job.data), entry.get("data", {})),
                                    "cache": merge(asdict(job.cache), entry.get("cache", {})), "device": job.device})
 

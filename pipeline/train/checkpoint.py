@@ -218,3 +218,18 @@ def restore_rng(checkpoint: Checkpoint) -> None:
     torch.set_rng_state(checkpoint.rng["torch"])
     if "cuda" in checkpoint.rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(checkpoint.rng["cuda"])
+
+
+def load_model_weights(path: Path, model) -> None:
+    """Load only the model weights of the checkpoint ``path`` into ``model``, a plain (unwrapped) Hugging Face
+    model of the trained architecture, in place: for scoring a run at its intermediate steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    tensors, seen = {}, set()
+    for key, value in model.state_dict().items():
+        if _storage(value) not in seen:  # a tied weight is saved under its first name only
+            seen.add(_storage(value))
+            tensors[f"model.{key}"] = value
+    with _single_process_is_meant():
+        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))

@@ -27,11 +27,19 @@ class SourceConfig:
     ``<system temp dir>/distillery-<user>``."""
     local_bytes: int = DEFAULT_LOCAL_BYTES
     """Byte budget of those shard copies; least recently used shards are deleted to stay within it."""
+    draws_per_epoch: int | None = None
+    """Use a fresh random subset of this many of each position's stored draws every epoch (drawn without
+    replacement from the N stored, so each epoch sees an unbiased N'-draw sample and different epochs see
+    different ones); the subset is a function of (seed, epoch, sequence), so resumes see the same ones. Needs a
+    format-3 sample or hybrid cache with ``cache.samples`` greater than it. ``null``: every stored draw, every
+    epoch."""
 
     def __post_init__(self):
         raise_problems(need(bool(self.dir), "dir", "is required: the cache directory to train on"),
                        need(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1"),
-                       need(self.local_bytes >= 1, "local_bytes", "must be >= 1 (bytes)"))
+                       need(self.local_bytes >= 1, "local_bytes", "must be >= 1 (bytes)"),
+                       need(self.draws_per_epoch is None or self.draws_per_epoch >= 1, "draws_per_epoch",
+                            f"must be >= 1 or null (every stored draw), got {self.draws_per_epoch}"))
 
 
 @dataclass

@@ -132,6 +132,30 @@ def evaluate(engine, head: LogitHead, batches: Iterator[dict[str, torch.Tensor]]
     return metrics.result()
 
 
+def _teacher_pass(teacher, manifest, batch_size: int, max_batches: int | None) -> Iterator[tuple[dict, torch.Tensor]]:
+    """Each held-out batch of ``manifest`` with the teacher's (N, real vocab) logits at its positions."""
+    real_vocab, head = manifest.tokenizer_length, LogitHead.of(teacher)
+    for batch in itertools.islice(sequential_batches(manifest, "eval", batch_size), max_batches):
+        flat = hidden_states(teacher, batch["input_ids"]).reshape(batch["input_ids"].numel(), -1)
+        yield batch, head(flat)[:, :real_vocab]
+
+
+def _score(student, pairs: Iterator[tuple[dict, torch.Tensor]], real_vocab: int) -> dict:
+    """Metrics of ``student`` against (batch, teacher logits) pairs."""
+    head, metrics = LogitHead.of(student), HeldOutMetrics()
+    for batch, t_logits in pairs:
+        labels, kd_mask, ce_mask = (t.reshape(-1) for t in labels_and_masks(batch))
+        s_logits = head(hidden_states(student, batch["input_ids"]).reshape(labels.shape[0], -1))[:, :real_vocab]
+        metrics.add(s_logits, labels, ce_mask, kd_mask, dense_forward_kl(s_logits, t_logits), t_logits.argmax(-1))
+    return metrics.result()
+
+
+def _load(model_dir: Path | str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+
+
 @torch.no_grad()
 def score_against_teacher(student_dir: Path, teacher_dir: Path, cache_dir: str | Path, batch_size: int = 8,
                           max_batches: int | None = None, local_dir: str | Path | None = None) -> dict:
@@ -141,19 +165,27 @@ def score_against_teacher(student_dir: Path, teacher_dir: Path, cache_dir: str |
     Every student, whatever it was trained on, is measured the same way:
     ``kl`` over the whole vocabulary, ``top1`` against the teacher's argmax.
     """
-    from transformers import AutoModelForCausalLM
-
-    student = AutoModelForCausalLM.from_pretrained(str(student_dir)).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir)).eval()
     manifest = open_cache(cache_dir, local_dir)
-    real_vocab = manifest.tokenizer_length
-    s_head, t_head = LogitHead.of(student), LogitHead.of(teacher)
-    metrics = HeldOutMetrics()
-    for index, batch in enumerate(sequential_batches(manifest, "eval", batch_size)):
-        if max_batches is not None and index >= max_batches:
-            break
-        labels, kd_mask, ce_mask = (t.reshape(-1) for t in labels_and_masks(batch))
-        s_logits = s_head(hidden_states(student, batch["input_ids"]).reshape(labels.shape[0], -1))[:, :real_vocab]
-        t_logits = t_head(hidden_states(teacher, batch["input_ids"]).reshape(labels.shape[0], -1))[:, :real_vocab]
-        metrics.add(s_logits, labels, ce_mask, kd_mask, dense_forward_kl(s_logits, t_logits), t_logits.argmax(-1))
-    return metrics.result()
+    pairs = _teacher_pass(_load(teacher_dir), manifest, batch_size, max_batches)
+    return _score(_load(student_dir), pairs, manifest.tokenizer_length)
+
+
+class TeacherReference:
+    """``score_against_teacher`` for many students: the teacher's held-out logits are computed once and kept
+    in memory (eval tokens x vocabulary x 4 bytes: cap the eval split, e.g. with ``data.eval_max_tokens``)."""
+
+    @torch.no_grad()
+    def __init__(self, teacher_dir: Path, cache_dir: str | Path, batch_size: int = 8, max_batches: int | None = None):
+        manifest = open_cache(cache_dir)
+        self.real_vocab = manifest.tokenizer_length
+        self.pairs = list(_teacher_pass(_load(teacher_dir), manifest, batch_size, max_batches))
+
+    @property
+    def tokens(self) -> int:
+        return sum(int(batch["loss_mask"].sum()) for batch, _ in self.pairs)
+
+    @torch.no_grad()
+    def score(self, student) -> dict:
+        """Metrics of ``student`` (a model, or the folder of a saved one)."""
+        model = student if isinstance(student, torch.nn.Module) else _load(student)
+        return _score(model.eval(), iter(self.pairs), self.real_vocab)

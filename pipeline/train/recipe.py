@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pipeline import preempt
 from pipeline.dist import all_reduce_sum, any_rank, barrier, init_process_group, world
-from pipeline.hf import LogitHead, compute_dtype, load_model, resolve_device
+from pipeline.hf import LogitHead, compute_dtype, dtype_choice, load_model, resolve_device
 from pipeline.log import get_logger, progress_bars
 from pipeline.train.checkpoint import CHECKPOINTS, publish_checkpoint, restore_rng, save_checkpoint
 from pipeline.train.config import LiveTeacherConfig, Phase, StudentConfig, TrainConfig
@@ -79,7 +79,7 @@ class TrainingRecipe:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         init_process_group(self.world, single_process_group=self.strategy != "single")
-        self.precision = compute_dtype(self.cfg.precision, self.device, allow_fp16=False, what="student compute")
+        self.precision = compute_dtype(self.cfg.precision, self.device, allow_fp16=False)
         self._lock_out_dir()
         self.model = build_student(self.student_cfg, self.source.vocab_size, self.source.tokenizer)
         self.model = self.model.to(self.device).train()
@@ -104,6 +104,7 @@ class TrainingRecipe:
                 log.warning(f"the checkpoint was trained in {state['precision']}; this node continues in {self.precision}")
         if self.world.is_main:  # only now: a refused job must not leave its config beside another run's checkpoints
             write_text(self.out / CONFIG_NAME, self.config_yaml)
+        log.info(f"student computes in {dtype_choice(self.cfg.precision, self.precision, self.device)}")
         if self.complete:
             return
         self.metrics = MetricsLog(self.out / METRICS_NAME, self.step, self.world.is_main)

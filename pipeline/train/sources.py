@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.pack import PackedSplit
 from pipeline.dist import world
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.log import get_logger
 from pipeline.train.config import SourceConfig
 from storage.errors import CacheError, ChecksumError
@@ -73,18 +73,35 @@ def _manifest(key: str, source: SourceConfig, location: str) -> Manifest:
         raise type(exc)(f"{key}: {exc}") from None
 
 
+def _check_draws(source: SourceConfig, manifest: Manifest) -> None:
+    """``cache.draws_per_epoch`` needs stored draw counts (a format-3 sample or hybrid cache) and fewer than N."""
+    draws, where = source.draws_per_epoch, manifest.location
+    if draws is None:
+        return
+    if manifest.mode not in ("sample", "hybrid"):
+        raise ConfigError(f"cache.draws_per_epoch={draws} needs a sample or hybrid cache, but {where} is a "
+                          f"{manifest.mode} cache: drop the key or cache with cache.mode=sample")
+    if manifest.format_version < 3:
+        raise ConfigError(f"cache.draws_per_epoch={draws} needs the draw counts of a format-3 cache, but {where} "
+                          f"is format {manifest.format_version}: cache again with cache.format_version=3")
+    if draws >= manifest.samples:
+        raise ConfigError(f"cache.draws_per_epoch={draws} must be below the {manifest.samples} draws per position "
+                          f"stored in {where} (cache.samples)")
+
+
 def cache_source(source: SourceConfig, order: StreamOrder, num_workers: int) -> BatchSource:
     """Batches of a finished cache's train split; held-out batches from ``cache.eval_dir`` (default: the same
     cache). A cache at a URL is read through local copies of its shards (``cache.local_dir``)."""
     from transformers import AutoTokenizer
 
     manifest = _manifest("cache.dir", source, source.dir)
+    _check_draws(source, manifest)
     tokenizer = AutoTokenizer.from_pretrained(str(manifest.folder(manifest.tokenizer_dir)))
 
     # With ``cache.verify``, every shard is hashed once below, before the first step; the readers do not hash
     # again (they would at every resume, and eval would at every evaluation).
     def stream(start: StreamState) -> Iterator[Batch]:
-        dataset = SoftTargetStream(manifest, order, start=start, verify=False)
+        dataset = SoftTargetStream(manifest, order, start=start, verify=False, draws_per_epoch=source.draws_per_epoch)
         return iter(DataLoader(dataset, batch_size=None, num_workers=num_workers))
 
     SoftTargetStream(manifest, order, verify=False)  # fails early when the global batch exceeds the split

@@ -1,0 +1,209 @@
+"""``distillery study``: distillation quality at realistic length, per teacher, against online KD.
+
+For each teacher: one set of caches of the same KJV sequences (``MAIN_CACHES``: one epoch of the run's steps,
+and ``FEW_CACHES``: a quarter of that, so the same steps make ``epochs`` passes over it), then the arms of
+``MAIN_ARMS`` and ``EPOCH_ARMS`` for equal steps, seeds paired (a seed fixes the initialisation and the data
+order). Every student is scored against the live teacher on one held-out split (``TeacherReference``), at its
+end and at ``checkpoints`` evenly spaced steps. A finished run's record is kept in the work folder, so a second
+call continues where the first stopped. ``study_report`` turns the records into tables and plots.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.bench.quality import (
+    CACHE_SETTINGS,
+    arm_overrides,
+    build_cache,
+    bytes_per_token,
+    train_common,
+    train_student,
+)
+from pipeline.bench.run import STUDENT
+from pipeline.bench.study_report import machine, study_summary, write_outputs
+from pipeline.train.checkpoint import CHECKPOINTS, checkpoint_dirs, load_model_weights, read_state
+from pipeline.train.evaluate import TeacherReference
+from storage.atomic import write_text
+from storage.errors import CacheNotFoundError
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The size of one teacher's study."""
+
+    seq_len: int
+    batch: int
+    steps: int = 1000
+    eval_tokens: int = 4096
+    """Held-out tokens every student is scored on (the teacher's logits on them are kept in memory)."""
+    holdout: float = 0.02
+    key_seeds: int = 3
+    """Seeds of ``KEY_ARMS`` and ``EPOCH_ARMS``; the other arms run ``seeds``."""
+    seeds: int = 1
+    epoch_seeds: int = 3
+    epochs: int = 4
+    """Passes over a ``FEW_CACHES`` cache in one run."""
+    checkpoints: int = 4
+
+    def scaled(self, factor: float) -> Profile:
+        """Fewer (or more) steps, with the data scaled alike: a main run stays one epoch."""
+        return dataclasses.replace(self, steps=max(self.checkpoints * self.epochs, round(self.steps * factor)))
+
+    @property
+    def epoch_tokens(self) -> int:
+        return self.steps * self.batch * self.seq_len
+
+
+# A 2-core AVX2 CPU (fp32), measured: a student step of 4 x 64 tokens on the 7.6M demo teacher's vocabulary
+# (8,192) takes 0.095 s, 0.18 s with that teacher live; on SmolLM2-135M (vocabulary 49,152, 30 layers) a step of
+# 1 x 32 tokens takes 0.12 s, 0.33 s live, and caching runs at about 380 tokens/s. See ``estimate_minutes``.
+SMALL_TEACHER = Profile(seq_len=64, batch=4)
+LARGE_TEACHER = Profile(seq_len=32, batch=1, eval_tokens=2048, epoch_seeds=1)
+LARGE_TEACHER_PARAMS = 50_000_000
+QUICK = Profile(seq_len=32, batch=2, steps=4, eval_tokens=64, holdout=0.1, key_seeds=2, epoch_seeds=1, epochs=2,
+                checkpoints=2)
+QUICK_STUDENT = {**STUDENT, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                 "num_attention_heads": 2, "num_key_value_heads": 2}
+
+MAIN_CACHES = {name: CACHE_SETTINGS[name] for name in ("sample50", "sample100", "hybrid8+24", "topk64", "topk64_8bit")}
+FEW_CACHES = {"few_sample50": CACHE_SETTINGS["sample50"], "few_sample200": ["cache.mode=sample", "cache.samples=200"]}
+ONLINE = "loss.teacher_live={teacher}"
+# The top-64 arms use the ground-truth tail, the best top-64 tail in `make bench`.
+MAIN_ARMS = [("ce_only", "sample50", ["loss.kind=ce"]), ("online_full_kd", "sample50", [ONLINE]),
+             ("sample50", "sample50", []), ("sample100", "sample100", []), ("hybrid8+24", "hybrid8+24", []),
+             ("topk64_ground_truth", "topk64", ["loss.tail=ground_truth"]),
+             ("topk64_8bit_ground_truth", "topk64_8bit", ["loss.tail=ground_truth"])]
+KEY_ARMS = ("ce_only", "online_full_kd", "sample50")
+# One cache for several epochs: the same 50 draws again, a fresh 50 of 200 stored each epoch, or online KD.
+EPOCH_ARMS = [("epochs_sample50_reused", "few_sample50", []),
+              ("epochs_sample50_fresh", "few_sample200", ["cache.draws_per_epoch=50"]),
+              ("epochs_online_full_kd", "few_sample50", [ONLINE])]
+
+
+def teacher_facts(teacher: Path) -> dict:
+    """Label, parameters and vocabulary of a teacher folder, read without loading its weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (teacher / "config.json").is_file():
+        raise CacheNotFoundError(f"study --teacher {teacher}: no model folder there (`make study` builds the "
+                                 "demo teacher and the real one first: make demo-teacher real-teacher)")
+    config = AutoConfig.from_pretrained(str(teacher))
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    label = f"{config.model_type}-{params / 1e6:.1f}M-v{config.vocab_size}"
+    return {"teacher": label, "path": str(teacher), "params": params, "vocab": config.vocab_size}
+
+
+def profile_for(params: int, quick: bool, scale: float) -> Profile:
+    if quick:
+        return QUICK
+    return (LARGE_TEACHER if params >= LARGE_TEACHER_PARAMS else SMALL_TEACHER).scaled(scale)
+
+
+def build_caches(teacher: Path, work: Path, profile: Profile) -> tuple[dict[str, Path], dict[str, float]]:
+    """Every cache of one teacher's study and the seconds each took (0 when found from an earlier call)."""
+    caches, seconds = {}, {}
+    few_tokens = profile.epoch_tokens // profile.epochs
+    for name, extra in [*MAIN_CACHES.items(), *FEW_CACHES.items()]:
+        start = time.perf_counter()
+        tokens = few_tokens if name in FEW_CACHES else profile.epoch_tokens
+        caches[name] = build_cache(teacher, work, profile.seq_len, tokens, extra, profile.holdout, profile.eval_tokens)
+        seconds[name] = time.perf_counter() - start
+    return caches, seconds
+
+
+def score_checkpoints(out_dir: Path, final: Path, reference: TeacherReference) -> list[dict]:
+    """Score each checkpoint of a run but the last (its weights are ``final``), then delete them."""
+    from transformers import AutoModelForCausalLM
+
+    scored = []
+    for path in checkpoint_dirs(out_dir / CHECKPOINTS)[:-1]:
+        model = AutoModelForCausalLM.from_pretrained(str(final))
+        load_model_weights(path, model)
+        scored.append({"step": read_state(path)["step"], **reference.score(model)})
+    shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+    return scored
+
+
+def run_arm(name: str, cache_dir: Path, extra: list[str], seed: int, context: dict) -> dict:
+    """Train one arm for one seed and score it at each checkpoint and at its end; reuse a finished record."""
+    out_dir = context["work"] / "runs" / f"{name}-seed{seed}"
+    done = out_dir / "record.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    final, seconds = train_student(arm_overrides(cache_dir, seed, out_dir, context["common"], extra,
+                                                 context["teacher"]))
+    start = time.perf_counter()
+    steps = [*score_checkpoints(out_dir, final, context["reference"]),
+             {"step": context["profile"].steps, **context["reference"].score(final)}]
+    uses_cache = not any(e.startswith(("loss.teacher_live", "loss.kind=ce")) for e in extra)
+    record = {"teacher": context["label"], "student": name, "seed": seed, **steps[-1], "steps": steps,
+              "train_seconds": seconds, "score_seconds": time.perf_counter() - start,
+              "cache_bytes_per_token": bytes_per_token(cache_dir) if uses_cache else None}
+    write_text(done, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def study_teacher(teacher: Path, work: Path, profile: Profile, student: dict, facts: dict) -> tuple[dict, list]:
+    """One teacher's caches and runs: its facts (with timings) and the run records."""
+    started = time.perf_counter()
+    work = work / facts["teacher"]
+    caches, cache_seconds = build_caches(teacher, work, profile)
+    reference = TeacherReference(teacher, caches["sample50"])
+    common = train_common(student, profile.steps, profile.batch, warmup=max(1, profile.steps // 20), eval_batches=1,
+                          log_every=max(1, profile.steps // 20), checkpoints=profile.checkpoints)
+    context = {"work": work, "teacher": teacher, "label": facts["teacher"], "profile": profile,
+               "reference": reference, "common": common}
+    records = []
+    for arms, key_seeds in ((MAIN_ARMS, profile.key_seeds), (EPOCH_ARMS, profile.epoch_seeds)):
+        for seed in range(max(key_seeds, profile.seeds)):
+            for name, cache_name, extra in arms:
+                if seed < (key_seeds if name in KEY_ARMS or arms is EPOCH_ARMS else profile.seeds):
+                    records.append(run_arm(name, caches[cache_name], extra, seed, context))
+    facts = {**facts, "profile": dataclasses.asdict(profile), "eval_tokens": reference.tokens,
+             "cache_seconds": cache_seconds, "cache_bytes_per_token": {k: bytes_per_token(v) for k, v in caches.items()},
+             "seconds": time.perf_counter() - started}
+    return facts, records
+
+
+def run_study(out: str | Path, teachers: list[str | Path], quick: bool = False, scale: float = 1.0,
+              work: str | Path | None = None) -> Path:
+    """Run the study for each teacher; write ``results.json``, ``results.md`` and the plots into ``out``.
+
+    Caches and runs go under ``work`` (default: the folder ``<out>-work`` beside ``out``), never into ``out``.
+    ``quick`` without teachers builds a tiny random one: a smoke test of the study itself, never a result.
+    """
+    out = Path(out).resolve()
+    work = Path(work).resolve() if work else out.with_name(f"{out.name}-work")
+    paths = [Path(t).resolve() for t in teachers] or ([_quick_teacher(work)] if quick else [])
+    if not paths:
+        raise CacheNotFoundError("study: give at least one --teacher folder (or --quick)")
+    all_facts = [teacher_facts(p) for p in paths]  # every folder is checked before any work
+    started, teachers_out, records = time.time(), [], []
+    student = QUICK_STUDENT if quick else STUDENT
+    for path, facts in zip(paths, all_facts, strict=True):
+        facts, runs = study_teacher(path, work, profile_for(facts["params"], quick, scale), student, facts)
+        teachers_out.append(facts)
+        records += runs
+    results = {"machine": machine(), "quick": quick, "scale": scale, "student": student, "teachers": teachers_out,
+               **study_summary(records), "runs": records, "seconds": time.time() - started}
+    return write_outputs(out, results)
+
+
+def _quick_teacher(work: Path) -> Path:
+    from pipeline.demo.init_model import build_model
+    from pipeline.demo.tokenizer import build_tokenizer
+
+    tokenizer = work / "tokenizer-512"
+    if not tokenizer.exists():
+        build_tokenizer(tokenizer, vocab_size=512)
+    teacher = work / "quick-teacher"
+    return teacher if (teacher / "config.json").exists() else build_model(tokenizer, teacher, hidden=32, layers=1,
+                                                                          heads=2)

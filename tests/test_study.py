@@ -1,0 +1,71 @@
+"""`distillery study --quick`: the study runs every arm, pairs them by seed and writes its outputs (never a result)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import cli
+from pipeline.bench.study import EPOCH_ARMS, MAIN_ARMS, QUICK, run_study
+from pipeline.bench.study_report import CACHE_COLUMNS, QUALITY_COLUMNS
+
+
+def header(columns: list[str]) -> str:
+    return "| " + " | ".join(columns) + " |"
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    assert cli.main(["study", "--out", str(root / "out"), "--quick", "--work", str(root / "work")]) == 0
+    return root
+
+
+def test_quick_study_writes_exactly_its_outputs(quick):
+    assert sorted(p.name for p in (quick / "out").iterdir()) == ["gap_vs_steps.png", "kl_vs_bytes.png",
+                                                                 "results.json", "results.md"]
+    assert all((quick / "out" / name).read_bytes().startswith(b"\x89PNG") for name in ("gap_vs_steps.png", "kl_vs_bytes.png"))
+    lines = (quick / "out" / "results.md").read_text().splitlines()
+    assert lines.count(header(QUALITY_COLUMNS)) == 2  # the equal-steps table and the epochs table
+    assert lines.count(header(CACHE_COLUMNS)) == 1
+    assert header(["student", *(f"step {s}" for s in (2, 4))]) in lines
+    assert header(["student", "epoch 1", "epoch 2"]) in lines
+    assert any(line.startswith("AMD") or "cores" in line for line in lines)
+
+
+def test_quick_study_pairs_every_arm_by_seed(quick):
+    results = json.loads((quick / "out" / "results.json").read_text())
+    assert set(results) == {"machine", "quick", "scale", "student", "teachers", "quality", "epochs", "gap_vs_steps",
+                            "runs", "seconds"}
+    assert results["machine"]["cpu"] and results["machine"]["cores"] >= 1
+    (teacher,) = results["teachers"]
+    assert set(teacher["cache_seconds"]) == {"sample50", "sample100", "hybrid8+24", "topk64", "topk64_8bit",
+                                             "few_sample50", "few_sample200"}
+    seeds = {r["student"]: r["seeds"] for r in results["quality"]}
+    assert seeds == {name: QUICK.key_seeds if name in ("ce_only", "online_full_kd", "sample50") else QUICK.seeds
+                     for name, _, _ in MAIN_ARMS}
+    assert [r["student"] for r in results["epochs"]] == [name for name, _, _ in EPOCH_ARMS]
+    for row in results["quality"] + results["epochs"]:
+        assert set(QUALITY_COLUMNS) <= row.keys()
+        assert (row["bytes_per_token"] is None) == (row["student"].endswith("online_full_kd")
+                                                    or row["student"] == "ce_only")
+        if row["student"].endswith("online_full_kd"):
+            assert row["kl_over_online"] == 1.0
+    assert {r["step"] for r in results["gap_vs_steps"]} == {2, 4}
+    for run in results["runs"]:
+        assert [p["step"] for p in run["steps"]] == [2, 4] and run["kl"] == run["steps"][-1]["kl"] > 0
+
+
+def test_a_second_call_reuses_the_finished_runs(quick):
+    before = json.loads((quick / "out" / "results.json").read_text())["runs"]
+    run_study(quick / "again", [], quick=True, work=quick / "work")
+    assert json.loads((quick / "again" / "results.json").read_text())["runs"] == before
+
+
+def test_a_missing_teacher_folder_is_one_line_before_any_work(tmp_path, capsys):
+    argv = ["-q", "study", "--out", str(tmp_path / "out"), "--teacher", str(tmp_path / "nowhere"),
+            "--work", str(tmp_path / "work")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nowhere" in err and "no model folder" in err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
