@@ -214,15 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--out", required=True, help="folder for the scripts and logs")
     slurm.set_defaults(run=_slurm)
 
+    _add_cache_tools(commands)  # inspect, verify, export
+    _add_model_tools(commands)  # tokenizer, init-model, convert-gguf
+    add_parsers(commands)  # bench and study
+    return parser
+
+
+def _add_cache_tools(commands) -> None:
+    """The subcommands that read a finished cache: ``inspect``, ``verify`` and ``export``."""
     inspect = commands.add_parser("inspect", help="summarise a cache")
     inspect.add_argument("directory")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(run=_inspect)
-
     verify = commands.add_parser("verify", help="re-hash every shard of a cache")
     verify.add_argument("directory")
     verify.set_defaults(run=_verify)
-
     export = commands.add_parser("export", help="write a cache (or a slice) as a datasets folder or Parquet files",
                                  description="Write a finished cache, or a slice of one split, as a Hugging Face "
                                  "datasets folder (datasets.load_from_disk) or zstd Parquet files, with Axolotl's KD "
@@ -237,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     export.set_defaults(run=_export)
 
+
+def _add_model_tools(commands) -> None:
+    """The subcommands that make models and tokenizers: ``tokenizer``, ``init-model`` and ``convert-gguf``."""
     tokenizer = commands.add_parser("tokenizer", help="train the byte-level BPE on the shipped corpus")
     tokenizer.add_argument("--out", required=True)
     tokenizer.add_argument("--vocab-size", type=int, default=8192)
@@ -259,8 +268,6 @@ def build_parser() -> argparse.ArgumentParser:
     gguf.add_argument("--out", required=True, help="a new or empty directory to write")
     gguf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     gguf.set_defaults(run=_convert_gguf)
-    add_parsers(commands)  # bench and study
-    return parser
 
 
 def one_line(message: str) -> str:

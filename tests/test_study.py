@@ -39,8 +39,12 @@ def test_quick_study_pairs_every_arm_by_seed(quick):
                             "runs", "seconds"}
     assert results["machine"]["cpu"] and results["machine"]["cores"] >= 1
     (teacher,) = results["teachers"]
-    assert set(teacher["cache_seconds"]) == {"sample50", "sample100", "hybrid8+24", "topk64", "topk64_8bit",
-                                             "few_sample50", "few_sample200"}
+    assert [c["cache"] for c in teacher["caches"]] == ["sample50", "sample100", "hybrid8+24", "topk64", "topk64_8bit",
+                                                       "few_sample50", "few_sample200"]
+    by_name = {c["cache"]: c for c in teacher["caches"]}
+    assert by_name["topk64"]["mean_unique_ids"] == 64  # every position stores its exact top 64
+    assert 1 <= by_name["sample50"]["mean_unique_ids"] <= 50 and by_name["sample50"]["bytes_per_token"] > 0
+    assert teacher["cache_pass"]["cache_tok_per_s"] > 0 and 0 < teacher["cache_pass"]["end_to_end_over_forward"]
     seeds = {r["student"]: r["seeds"] for r in results["quality"]}
     assert seeds == {name: QUICK.key_seeds if name in ("ce_only", "online_full_kd", "sample50") else QUICK.seeds
                      for name, _, _ in MAIN_ARMS}

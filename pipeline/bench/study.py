@@ -27,11 +27,15 @@ from pipeline.bench.quality import (
     train_student,
 )
 from pipeline.bench.run import STUDENT
+from pipeline.bench.stage1 import run_settings
 from pipeline.bench.study_report import machine, study_summary, write_outputs
 from pipeline.train.checkpoint import CHECKPOINTS, checkpoint_dirs, load_model_weights, read_state
 from pipeline.train.evaluate import TeacherReference
+from pipeline.demo.tokenizer import CORPUS
 from storage.atomic import write_text
 from storage.errors import CacheNotFoundError
+from storage.inspect import summarize
+from storage.manifest import read_manifest
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,31 @@ def build_caches(teacher: Path, work: Path, profile: Profile) -> tuple[dict[str,
     return caches, seconds
 
 
+def cache_facts(caches: dict[str, Path], seconds: dict[str, float]) -> list[dict]:
+    """Per cache: tokens, teacher-pass tokens/s (when built by this call), bytes/token, and what the stored
+    targets hold per position (distinct ids, top-1 probability, entropy), read from every shard."""
+    rows = []
+    for name, directory in caches.items():
+        stats = summarize(read_manifest(directory))
+        rows.append({"cache": name, "tokens": stats["tokens"], "seconds": seconds[name],
+                     "tok_per_s": stats["tokens"] / seconds[name] if seconds[name] > 1 else None,
+                     **{k: stats[k] for k in ("bytes_per_token", "mean_unique_ids", "mean_top1_prob",
+                                              "mean_entropy_nats")}})
+    return rows
+
+
+def forward_ratio(teacher: Path, work: Path, quick: bool) -> dict:
+    """The cache pass against the teacher's bare forward on the same batches, interleaved in one process
+    (``pipeline.bench.stage1``): a sample-50 cache of 8,192 KJV tokens in sequences of 128."""
+    tokens, seq_len = (2048, 32) if quick else (8192, 128)  # at least 3 batches of cache.batch_size
+    overrides = [f"teacher.model={teacher}", "teacher.dtype=auto", f"data.path={CORPUS}", f"data.seq_len={seq_len}",
+                 f"data.max_tokens={tokens}", f"cache.dir={work / 'stage1-scratch'}", "cache.shard_size=16",
+                 "cache.mode=sample", "cache.samples=50", "device=cpu"]
+    record = run_settings([overrides])[0]
+    return {k: record[k] for k in ("dtype", "tokens", "cache_tok_per_s", "forward_tok_per_s", "cache_over_forward",
+                                   "end_to_end_over_forward", "end_to_end_spread", "bytes_per_token")}
+
+
 def score_checkpoints(out_dir: Path, final: Path, reference: TeacherReference) -> list[dict]:
     """Score each checkpoint of a run but the last (its weights are ``final``), then delete them."""
     from transformers import AutoModelForCausalLM
@@ -168,7 +197,7 @@ def study_teacher(teacher: Path, work: Path, profile: Profile, student: dict, fa
                 if seed < (key_seeds if name in KEY_ARMS or arms is EPOCH_ARMS else profile.seeds):
                     records.append(run_arm(name, caches[cache_name], extra, seed, context))
     facts = {**facts, "profile": dataclasses.asdict(profile), "eval_tokens": reference.tokens,
-             "cache_seconds": cache_seconds, "cache_bytes_per_token": {k: bytes_per_token(v) for k, v in caches.items()},
+             "caches": cache_facts(caches, cache_seconds), "cache_pass": forward_ratio(teacher, work, profile is QUICK),
              "seconds": time.perf_counter() - started}
     return facts, records
 

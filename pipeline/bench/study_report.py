@@ -18,7 +18,8 @@ MAIN_REFERENCE, EPOCH_REFERENCE = "online_full_kd", "epochs_online_full_kd"
 TARGET = 1.03  # issue 14: sampled-cache KD within 3 % of online KD's held-out KL at equal steps
 QUALITY_COLUMNS = ["student", "seeds", "bytes_per_token", "kl", "kl_median", "kl_spread", "kl_over_online",
                    "kl_over_online_spread", "ppl", "ppl_spread", "top1", "ece", "train_seconds"]
-CACHE_COLUMNS = ["cache", "bytes_per_token", "seconds"]
+CACHE_COLUMNS = ["cache", "tokens", "seconds", "tok_per_s", "bytes_per_token", "mean_unique_ids", "mean_top1_prob",
+                 "mean_entropy_nats"]
 PLOTS = ("kl_vs_bytes.png", "gap_vs_steps.png")
 
 
@@ -83,8 +84,7 @@ def _shown(rows: list[dict]) -> list[dict]:
 def _teacher_section(facts: dict, results: dict) -> str:
     label, profile = facts["teacher"], facts["profile"]
     mine = {key: [r for r in results[key] if r["teacher"] == label] for key in ("quality", "epochs", "gap_vs_steps")}
-    caches = [{"cache": name, "bytes_per_token": facts["cache_bytes_per_token"][name], "seconds": seconds}
-              for name, seconds in facts["cache_seconds"].items()]
+    cache_pass = facts["cache_pass"]
     main_gap, main_columns = _pivot([r for r in mine["gap_vs_steps"] if not r["student"].startswith("epochs_")],
                                     "kl_over_online")
     per_epoch = profile["steps"] // profile["epochs"]
@@ -99,7 +99,13 @@ def _teacher_section(facts: dict, results: dict) -> str:
         f"{profile['steps']} steps of {profile['batch']} x {profile['seq_len']} tokens; {facts['eval_tokens']:,} "
         f"held-out tokens; {profile['key_seeds']} seeds for {', '.join(('ce_only', 'online_full_kd', 'sample50'))}, "
         f"{profile['seeds']} for the others, {profile['epoch_seeds']} for the epoch arms. {verdict}\n",
-        f"### Caches\n\n{markdown_table(caches, CACHE_COLUMNS)}\n",
+        f"### Caches\n\nThe cache pass against the bare forward ({cache_pass['dtype']}, {cache_pass['tokens']:,} tokens, "
+        f"sample 50, interleaved batch by batch): the pass ran at {cache_pass['cache_tok_per_s']:.0f} tokens/s end to "
+        f"end, the bare forward at {cache_pass['forward_tok_per_s']:.0f}; forward / cache time per batch "
+        f"{cache_pass['cache_over_forward']:.2f}, per shard with its write {cache_pass['end_to_end_over_forward']:.2f} "
+        f"(medians). Per study cache "
+        "(tok_per_s when built by this call; ids, top-1 and entropy per position, as `distillery inspect`):\n\n"
+        f"{markdown_table(facts['caches'], CACHE_COLUMNS)}\n",
         f"### Equal steps, one epoch (KL ratios paired by seed)\n\n{markdown_table(_shown(mine['quality']), QUALITY_COLUMNS)}\n",
         "### Gap to online KD by step (kl / online kl at the same step and seed; one cosine schedule, so an early "
         f"step is not a shorter run)\n\n{markdown_table(main_gap, main_columns)}\n",
