@@ -109,10 +109,11 @@ def _teacher_section(facts: dict, results: dict) -> str:
         f"### Equal steps, one epoch (KL ratios paired by seed)\n\n{markdown_table(_shown(mine['quality']), QUALITY_COLUMNS)}\n",
         "### Gap to online KD by step (kl / online kl at the same step and seed; one cosine schedule, so an early "
         f"step is not a shorter run)\n\n{markdown_table(main_gap, main_columns)}\n",
+    ] + ([
         f"### {profile['epochs']} epochs over one cache (reference: online KD on the same data)\n\n"
         f"{markdown_table(_shown(mine['epochs']), QUALITY_COLUMNS)}\n",
         f"### Gap to online KD by epoch (an epoch is {per_epoch} steps; kl / online kl as above)\n\n{markdown_table(epoch_gap, epoch_columns)}\n",
-    ])
+    ] if mine["epochs"] else ["No epoch arms for this teacher (`epoch_seeds` 0).\n"]))
 
 
 def results_markdown(results: dict) -> str:
