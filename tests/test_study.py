@@ -42,6 +42,7 @@ def test_quick_study_pairs_every_arm_by_seed(quick):
     assert [c["cache"] for c in teacher["caches"]] == ["sample50", "sample100", "hybrid8+24", "topk64", "topk64_8bit",
                                                        "few_sample50", "few_sample200"]
     by_name = {c["cache"]: c for c in teacher["caches"]}
+    assert all(c["tok_per_s"] > 0 for c in teacher["caches"])  # every cache was built by this call
     assert by_name["topk64"]["mean_unique_ids"] == 64  # every position stores its exact top 64
     assert 1 <= by_name["sample50"]["mean_unique_ids"] <= 50 and by_name["sample50"]["bytes_per_token"] > 0
     assert teacher["cache_pass"]["cache_tok_per_s"] > 0 and 0 < teacher["cache_pass"]["end_to_end_over_forward"]
@@ -63,7 +64,10 @@ def test_quick_study_pairs_every_arm_by_seed(quick):
 def test_a_second_call_reuses_the_finished_runs(quick):
     before = json.loads((quick / "out" / "results.json").read_text())["runs"]
     run_study(quick / "again", [], quick=True, work=quick / "work")
-    assert json.loads((quick / "again" / "results.json").read_text())["runs"] == before
+    again = json.loads((quick / "again" / "results.json").read_text())
+    assert again["runs"] == before
+    (teacher,) = again["teachers"]
+    assert all(c["seconds"] is None and c["tok_per_s"] is None for c in teacher["caches"])  # hits time nothing
 
 
 def test_a_missing_teacher_folder_is_one_line_before_any_work(tmp_path, capsys):

@@ -35,7 +35,7 @@ from pipeline.train.evaluate import TeacherReference
 from storage.atomic import write_text
 from storage.errors import CacheNotFoundError
 from storage.inspect import summarize
-from storage.manifest import read_manifest
+from storage.manifest import MANIFEST_NAME, read_manifest
 
 
 @dataclass(frozen=True)
@@ -113,26 +113,29 @@ def profile_for(params: int, quick: bool, scale: float) -> Profile:
     return (LARGE_TEACHER if params >= LARGE_TEACHER_PARAMS else SMALL_TEACHER).scaled(scale)
 
 
-def build_caches(teacher: Path, work: Path, profile: Profile) -> tuple[dict[str, Path], dict[str, float]]:
-    """Every cache of one teacher's study and the seconds each took (0 when found from an earlier call)."""
+def build_caches(teacher: Path, work: Path, profile: Profile) -> tuple[dict[str, Path], dict[str, float | None]]:
+    """Every cache of one teacher's study and the seconds each took to build (None for a cache hit, found
+    from an earlier call: its manifest is older than this call)."""
     caches, seconds = {}, {}
     few_tokens = profile.epoch_tokens // profile.epochs
     for name, extra in [*MAIN_CACHES.items(), *FEW_CACHES.items()]:
-        start = time.perf_counter()
+        started_at, start = time.time(), time.perf_counter()
         tokens = few_tokens if name in FEW_CACHES else profile.epoch_tokens
         caches[name] = build_cache(teacher, work, profile.seq_len, tokens, extra, profile.holdout, profile.eval_tokens)
-        seconds[name] = time.perf_counter() - start
+        # One second of slack: some file systems keep whole-second mtimes.
+        built_here = (caches[name] / MANIFEST_NAME).stat().st_mtime >= started_at - 1
+        seconds[name] = time.perf_counter() - start if built_here else None
     return caches, seconds
 
 
-def cache_facts(caches: dict[str, Path], seconds: dict[str, float]) -> list[dict]:
+def cache_facts(caches: dict[str, Path], seconds: dict[str, float | None]) -> list[dict]:
     """Per cache: tokens, teacher-pass tokens/s (when built by this call), bytes/token, and what the stored
     targets hold per position (distinct ids, top-1 probability, entropy), read from every shard."""
     rows = []
     for name, directory in caches.items():
         stats = summarize(read_manifest(directory))
         rows.append({"cache": name, "tokens": stats["tokens"], "seconds": seconds[name],
-                     "tok_per_s": stats["tokens"] / seconds[name] if seconds[name] > 1 else None,
+                     "tok_per_s": stats["tokens"] / seconds[name] if seconds[name] else None,
                      **{k: stats[k] for k in ("bytes_per_token", "mean_unique_ids", "mean_top1_prob",
                                               "mean_entropy_nats")}})
     return rows
