@@ -59,15 +59,17 @@ bench: demo-teacher
 	$(BIN)/distillery bench --out bench-results --teacher $(DEMO)/teacher/final
 
 # The quality study (`distillery study`): every arm for 1,000 steps, paired seeds, on each teacher, one process per
-# teacher side by side with one torch thread each (2 cores). Results in study-results/<teacher>/ (committed); caches
-# and runs are kept in runs/study, so a rerun continues. STUDY_FLAGS="--scale 0.5" takes about half the time, below
+# teacher side by side with one torch thread each (2 cores); the demo teacher's, which ends first, then trains
+# SmolLM2's unclaimed runs (--help-with). Results in study-results/<teacher>/ (committed); caches and runs are
+# kept in runs/study, so a rerun continues. STUDY_FLAGS="--scale 0.5" takes about half the time, below
 # the 1,000 steps the study is meant for.
 study: demo-teacher real-teacher
 	$(MAKE) --no-print-directory -j2 study-demo-teacher study-smollm2
 
 study-demo-teacher study-smollm2: study-%:
 	OMP_NUM_THREADS=1 $(BIN)/distillery study --out study-results/$* --work runs/study \
-	  --teacher $(if $(filter smollm2,$*),$(REAL)/teacher-hf,$(DEMO)/teacher/final) $(STUDY_FLAGS)
+	  --teacher $(if $(filter smollm2,$*),$(REAL)/teacher-hf,$(DEMO)/teacher/final \
+	  --help-with $(REAL)/teacher-hf) $(STUDY_FLAGS)
 
 # The slow runs of benchmark code that `make test` skips: `distillery bench --quick` end to end (a smoke test of
 # every section, never a timing) and the stage-1 peak-RSS check: about 3 min on 2 cores.

@@ -56,6 +56,8 @@ def summarize(manifest: Manifest) -> dict:
         "fingerprint": manifest.fingerprint,
         "teacher": manifest.teacher.get("name"),
         "mode": manifest.mode,
+        # Caches made before cache.sampler existed drew multinomially and do not name it.
+        "sampler": manifest.config.get("cache", {}).get("sampler", "multinomial") if manifest.mode != "topk" else None,
         "width": manifest.width,
         "format": manifest.format,
         "format_version": manifest.format_version,
@@ -78,6 +80,10 @@ def _bits(summary: dict) -> str:
     return f", {summary['logprob_bits']}-bit log-probs" if summary.get("logprob_bits") else ""
 
 
+def _draws(summary: dict) -> str:
+    return f" ({summary['sampler']} draws)" if summary.get("sampler") else ""
+
+
 def format_summary(summary: dict) -> str:
     splits = ", ".join(f"{name}: {s['sequences']} seqs / {s['tokens']} tokens in {s['shards']} shards"
                        for name, s in summary["splits"].items())
@@ -85,7 +91,7 @@ def format_summary(summary: dict) -> str:
         f"cache        {summary['directory']}",
         f"fingerprint  {summary['fingerprint']}",
         f"teacher      {summary['teacher']} (vocab {summary['vocab_size']})",
-        f"targets      {summary['mode']}, width {summary['width']}, {summary['format']} shards "
+        f"targets      {summary['mode']}{_draws(summary)}, width {summary['width']}, {summary['format']} shards "
         f"(format {summary['format_version']}{_bits(summary)}), seq_len {summary['seq_len']}",
         f"splits       {splits}",
         f"size         {summary['bytes'] / 1e6:.2f} MB, {summary['bytes_per_token']:.1f} bytes/token",

@@ -211,6 +211,8 @@ CASES = [
          ("cache.format: 'parquet' is not one of 'arrow' | 'zarr'",), CACHE_OUT),
     Case("cache-mode-unknown", lambda i: cache_cmd(i, **{"cache.mode": "dense"}),
          ("cache.mode: 'dense' is not one of",), CACHE_OUT),
+    Case("cache-sampler-unknown", lambda i: cache_cmd(i, **{"cache.sampler": "stratified"}),
+         ("cache.sampler: 'stratified' is not one of", "systematic"), CACHE_OUT),
     Case("cache-device-tpu", lambda i: cache_cmd(i, device="tpu"), ("device: must be auto, cpu, cuda or cuda:N, got 'tpu'",),
          CACHE_OUT),
     # stage 1: directories

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.cache.reduce import sample_targets, sequence_uniforms
 from pipeline.demo.init_model import build_model
+from storage.inspect import format_summary, summarize
 from storage.manifest import read_manifest
 
 
@@ -64,18 +65,20 @@ def test_final_logit_softcapping_is_applied(tmp_path, tokenizer_dir, corpus_json
     assert_topk_parity(model_dir, next(iter(read_all(directory).values())), temperature=1.0)
 
 
-@pytest.mark.parametrize("fmt", ["arrow", "zarr"])
-def test_sample_mode_reproduces_from_teacher_forward(tmp_path, llama_dir, corpus_jsonl, fmt):
+@pytest.mark.parametrize("fmt, sampler", [("arrow", "systematic"), ("zarr", "multinomial")])
+def test_sample_mode_reproduces_from_teacher_forward(tmp_path, llama_dir, corpus_jsonl, fmt, sampler):
     args = cache_args(llama_dir, corpus_jsonl, tmp_path / "c", **{"cache.format": fmt, "cache.mode": "sample",
-                                                                "cache.samples": 20, "cache.seed": 7})
+                                                                "cache.samples": 20, "cache.seed": 7,
+                                                                "cache.sampler": sampler})
     directory = cache(args).directory
     manifest = read_manifest(directory)
     assert manifest.width == 20 and manifest.mode == "sample"
+    assert summarize(manifest)["sampler"] == sampler and f"sample ({sampler} draws)" in format_summary(summarize(manifest))
     record = manifest.shards_for("train")[0]
     shard = read_all(directory)[record.path]
     logits = reference_logits(llama_dir, shard["input_ids"])
     seq_len = shard["input_ids"].shape[1]
-    uniforms = torch.cat([sequence_uniforms(7, 0, i, seq_len, 20) for i in range(len(logits))])
+    uniforms = torch.cat([sequence_uniforms(7, 0, i, seq_len, 20, sampler) for i in range(len(logits))])
     ids, logprobs, _ = sample_targets(logits.reshape(-1, logits.shape[-1]), uniforms, 1.0, 20)
     same = (ids.reshape(shard["topk_ids"].shape).numpy() == shard["topk_ids"]).mean()
     assert same > 0.999  # float rounding at a CDF boundary may move a rare draw
@@ -127,7 +130,7 @@ def test_hybrid_mode_reproduces_from_teacher_forward(tmp_path, llama_dir, corpus
     shard = read_all(directory)[manifest.shards_for("train")[0].path]
     logits = reference_logits(llama_dir, shard["input_ids"])
     seq_len = shard["input_ids"].shape[1]
-    uniforms = torch.cat([sequence_uniforms(0, 0, i, seq_len, 12) for i in range(len(logits))])
+    uniforms = torch.cat([sequence_uniforms(0, 0, i, seq_len, 12, "multinomial") for i in range(len(logits))])
     ids, _, _ = hybrid_targets(logits.reshape(-1, logits.shape[-1]), 4, uniforms, 1.0)
     want = ids.reshape(shard["topk_ids"].shape).numpy()
     want[..., :4] = np.sort(want[..., :4], axis=-1)  # readers return the head by ascending id

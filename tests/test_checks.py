@@ -202,6 +202,23 @@ def test_teacher_weights_change_the_cache_fingerprint(tmp_path, peaked_teachers,
     assert fingerprint(moved) == first
 
 
+def test_the_sampler_changes_the_fingerprint_and_multinomial_keeps_the_old_one(tmp_path, peaked_teachers,
+                                                                              corpus_jsonl):
+    """Systematic and multinomial draws are different caches; multinomial ones hash as before the key existed,
+    and top-k caches, which draw nothing, do not depend on it."""
+    def identity(**extra):
+        args = cache_args(peaked_teachers[0], corpus_jsonl, tmp_path / "c", **extra)
+        plan = make_plan(load_config(CacheJob, None, args))
+        return plan.fingerprint, plan.header.fingerprint_identity
+
+    systematic, with_key = identity(**{"cache.mode": "sample", "cache.sampler": "systematic"})
+    multinomial, without_key = identity(**{"cache.mode": "sample", "cache.sampler": "multinomial"})
+    assert systematic != multinomial and with_key["sampler"] == "systematic" and "sampler" not in without_key
+    assert {k: v for k, v in with_key.items() if k != "sampler"} == without_key
+    assert identity(**{"cache.mode": "sample"})[0] == multinomial  # the default
+    assert identity(**{"cache.mode": "topk", "cache.sampler": "multinomial"})[0] == identity(**{"cache.mode": "topk"})[0]
+
+
 # --- storage.atomic: replacing a directory ----------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from helpers import cache, cache_args, read_all, train, train_args
 from safetensors.torch import load_file
 
 from pipeline.demo.init_model import build_model
+from storage.inspect import summarize
 from storage.layout import Layout
 from storage.layout_v3 import delta_decode, join_planes
 from storage.manifest import read_manifest
@@ -88,6 +89,8 @@ def test_a_cache_written_by_the_format2_release_still_reads_and_trains(tmp_path,
     directory = shutil.copytree(FIXTURES / name, tmp_path / name)
     manifest = read_manifest(directory)
     assert manifest.format_version == 2 and manifest.verify() == []
+    # That release drew multinomially and did not name it; top-k caches draw nothing.
+    assert summarize(manifest)["sampler"] == ("multinomial" if manifest.mode == "hybrid" else None)
     head = manifest.top_k
     for batch in sequential_batches(directory, "train", 8):
         ids, logprobs = batch["topk_ids"].numpy(), batch["topk_logprobs"].numpy()

@@ -1,6 +1,7 @@
 """Top-k and sample reductions against dense references."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.cache.reduce import sample_targets, sequence_uniforms, topk_targets, unique_counts
@@ -30,13 +31,14 @@ def test_unique_counts():
     assert counts.tolist() == [[1, 1, 3, 0, 0], [5, 0, 0, 0, 0]] and counts.dtype == torch.int32
 
 
-def test_sampling_is_unbiased():
+@pytest.mark.parametrize("sampler", ["systematic", "multinomial"])
+def test_sampling_is_unbiased(sampler):
     """Averaged over many draws, the stored weights match the teacher's probabilities."""
     torch.manual_seed(0)
     logits = torch.randn(1, 40) * 2
     probs = torch.softmax(logits / 0.8, dim=-1)[0].double()
     rows, draws = 4000, 8
-    uniforms = torch.rand(rows, draws)
+    uniforms = sequence_uniforms(0, 0, 0, rows, draws, sampler)
     ids, logprobs, tail = sample_targets(logits.expand(rows, -1), uniforms, 0.8, width=draws)
     weights = torch.zeros(rows, 41, dtype=torch.float64)
     weights.scatter_add_(1, ids.clamp(min=-1) + 1, logprobs.exp().double())  # column 0 collects padding
@@ -46,15 +48,39 @@ def test_sampling_is_unbiased():
     assert torch.all(torch.isneginf(tail))
 
 
-def test_sampling_does_not_depend_on_chunking():
+def test_systematic_draws_hold_each_count_within_one_of_n_p():
+    """Binomial counts stray by about sqrt(N p); systematic ones by less than one draw."""
+    torch.manual_seed(2)
+    logits = torch.randn(300, 200) * 2
+    draws = 50
+    expected = torch.softmax(logits, dim=-1).double() * draws
+    for sampler, worst in (("systematic", 1.0), ("multinomial", None)):
+        ids, logprobs, _ = sample_targets(logits, sequence_uniforms(1, 0, 0, 300, draws, sampler), 1.0, draws)
+        counts = torch.zeros(300, 201, dtype=torch.float64)
+        counts.scatter_add_(1, ids + 1, (logprobs.exp() * draws).double())  # column 0 collects padding
+        error = (counts[:, 1:] - expected).abs().max().item()
+        if worst:
+            assert error < worst + 1e-3  # counts come back through float32 log-probs
+        else:
+            assert error > 2.0
+
+
+def test_an_unknown_sampler_is_refused():
+    with pytest.raises(ValueError, match="stratified"):
+        sequence_uniforms(0, 0, 0, 4, 4, "stratified")
+
+
+@pytest.mark.parametrize("sampler", ["systematic", "multinomial"])
+def test_sampling_does_not_depend_on_chunking(sampler):
     logits = torch.randn(12, 64)
-    uniforms = sequence_uniforms(3, 0, 5, 12, 16)
+    uniforms = sequence_uniforms(3, 0, 5, 12, 16, sampler)
     whole = sample_targets(logits, uniforms, 1.0, 16)
     parts = [sample_targets(logits[i : i + 5], uniforms[i : i + 5], 1.0, 16) for i in range(0, 12, 5)]
     for got, part in zip(whole, zip(*parts)):
         assert torch.equal(got, torch.cat(part))
-    assert torch.equal(uniforms, sequence_uniforms(3, 0, 5, 12, 16))
-    assert not torch.equal(uniforms, sequence_uniforms(3, 0, 6, 12, 16))
+    assert torch.equal(uniforms, sequence_uniforms(3, 0, 5, 12, 16, sampler))
+    assert not torch.equal(uniforms, sequence_uniforms(3, 0, 6, 12, 16, sampler))
+    assert uniforms.dtype == torch.float32 and 0 <= uniforms.min() and uniforms.max() < 1
 
 
 def test_sample_width_bound_by_vocab_keeps_every_draw():

@@ -1,13 +1,26 @@
 """`distillery study --quick`: the study runs every arm, pairs them by seed and writes its outputs (never a result)."""
 from __future__ import annotations
 
+import fcntl
 import json
+import shutil
+import threading
 
 import pytest
 
 from pipeline import cli
-from pipeline.bench.study import EPOCH_ARMS, MAIN_ARMS, QUICK, run_study
+from pipeline.bench.study import (
+    EPOCH_ARMS,
+    KEY_ARMS,
+    MAIN_ARMS,
+    QUICK,
+    _quick_teacher,
+    help_study,
+    planned_runs,
+    run_study,
+)
 from pipeline.bench.study_report import CACHE_COLUMNS, QUALITY_COLUMNS
+from storage.locks import lock_file, unlock
 
 
 def header(columns: list[str]) -> str:
@@ -40,14 +53,14 @@ def test_quick_study_pairs_every_arm_by_seed(quick):
     assert results["machine"]["cpu"] and results["machine"]["cores"] >= 1
     (teacher,) = results["teachers"]
     assert [c["cache"] for c in teacher["caches"]] == ["sample50", "sample100", "hybrid8+24", "topk64", "topk64_8bit",
-                                                       "few_sample50", "few_sample200"]
+                                                       "sample50_systematic", "few_sample50", "few_sample200"]
     by_name = {c["cache"]: c for c in teacher["caches"]}
     assert all(c["tok_per_s"] > 0 for c in teacher["caches"])  # every cache was built by this call
     assert by_name["topk64"]["mean_unique_ids"] == 64  # every position stores its exact top 64
     assert 1 <= by_name["sample50"]["mean_unique_ids"] <= 50 and by_name["sample50"]["bytes_per_token"] > 0
     assert teacher["cache_pass"]["cache_tok_per_s"] > 0 and 0 < teacher["cache_pass"]["end_to_end_over_forward"]
     seeds = {r["student"]: r["seeds"] for r in results["quality"]}
-    assert seeds == {name: QUICK.key_seeds if name in ("ce_only", "online_full_kd", "sample50") else QUICK.seeds
+    assert seeds == {name: QUICK.key_seeds if name in KEY_ARMS else QUICK.seeds
                      for name, _, _ in MAIN_ARMS}
     assert [r["student"] for r in results["epochs"]] == [name for name, _, _ in EPOCH_ARMS]
     for row in results["quality"] + results["epochs"]:
@@ -66,13 +79,52 @@ def test_a_second_call_reuses_the_finished_runs(quick):
     run_study(quick / "again", [], quick=True, work=quick / "work")
     again = json.loads((quick / "again" / "results.json").read_text())
     assert again["runs"] == before
+    (first,) = json.loads((quick / "out" / "results.json").read_text())["teachers"]
     (teacher,) = again["teachers"]
-    assert all(c["seconds"] is None and c["tok_per_s"] is None for c in teacher["caches"])  # hits time nothing
+    # Every cache is a hit now; each keeps the build time the first call recorded, never the time of the hit.
+    assert [c["seconds"] for c in teacher["caches"]] == [c["seconds"] for c in first["caches"]]
 
 
-def test_a_missing_teacher_folder_is_one_line_before_any_work(tmp_path, capsys):
-    argv = ["-q", "study", "--out", str(tmp_path / "out"), "--teacher", str(tmp_path / "nowhere"),
-            "--work", str(tmp_path / "work")]
+def test_a_record_from_another_cache_is_trained_again(quick):
+    """A kept record counts only for the cache it was trained on: a changed cache setting never reuses it."""
+    (record_path,) = (quick / "work").glob("*/runs/sample50-seed0/record.json")
+    stale = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**stale, "cache_fingerprint": "0" * 20, "kl": -1.0}))
+    run_study(quick / "stale", [], quick=True, work=quick / "work")
+    again = json.loads(record_path.read_text())
+    assert again["cache_fingerprint"] == stale["cache_fingerprint"] and again["kl"] > 0
+    runs = json.loads((quick / "stale" / "results.json").read_text())["runs"]
+    assert all(r["kl"] > 0 for r in runs)
+
+
+def test_a_helper_trains_unclaimed_runs_and_the_owner_waits_for_claimed_ones(quick):
+    """Two processes share the work folder: a helper skips a run another process holds, and the teacher's own
+    study waits for that run and reports the record its holder wrote, without training it again."""
+    runs = next((quick / "work").glob("*/runs"))
+    for name in ("sample50-seed0", "sample100-seed0"):
+        shutil.rmtree(runs / name)
+    claim = lock_file(runs / ".sample50-seed0.lock", fcntl.LOCK_EX)  # another process is training sample50 seed 0
+    try:
+        assert help_study([_quick_teacher(quick / "work")], quick / "work", quick=True) == len(planned_runs(QUICK)) - 1
+        assert (runs / "sample100-seed0" / "record.json").is_file() and not (runs / "sample50-seed0").exists()
+        owner = threading.Thread(target=run_study, args=(quick / "owner", []),
+                                 kwargs={"quick": True, "work": quick / "work"})
+        owner.start()
+        other = json.loads((runs / "sample50-seed1" / "record.json").read_text())  # the same cache
+        held = {**other, "seed": 0, "kl": 123.0, "steps": [*other["steps"][:-1], {**other["steps"][-1], "kl": 123.0}]}
+        (runs / "sample50-seed0").mkdir()
+        (runs / "sample50-seed0" / "record.json").write_text(json.dumps(held))
+    finally:
+        unlock(claim)
+    owner.join(timeout=600)
+    reported = json.loads((quick / "owner" / "results.json").read_text())["runs"]
+    assert [r["kl"] for r in reported if r["student"] == "sample50" and r["seed"] == 0] == [123.0]
+
+
+@pytest.mark.parametrize("flag", ["--teacher", "--help-with"])
+def test_a_missing_teacher_folder_is_one_line_before_any_work(tmp_path, capsys, flag):
+    argv = ["-q", "study", "--out", str(tmp_path / "out"), flag, str(tmp_path / "nowhere"),
+            "--work", str(tmp_path / "work"), *(["--quick"] if flag == "--help-with" else [])]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nowhere" in err and "no model folder" in err

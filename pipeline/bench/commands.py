@@ -2,6 +2,8 @@
 benchmark code only when run."""
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def _bench(args) -> int:
     from pipeline.bench.run import run_bench
@@ -11,9 +13,14 @@ def _bench(args) -> int:
 
 
 def _study(args) -> int:
-    from pipeline.bench.study import run_study
+    from pipeline.bench.study import default_work, help_study, run_study, teacher_facts
 
-    print(run_study(args.out, args.teacher, quick=args.quick, scale=args.scale, work=args.work))
+    for teacher in args.help_with:
+        teacher_facts(Path(teacher).resolve())  # a wrong folder fails now, not after this process's own study
+    work = args.work or default_work(args.out)
+    print(run_study(args.out, args.teacher, quick=args.quick, scale=args.scale, work=work))
+    if args.help_with:
+        help_study(args.help_with, quick=args.quick, scale=args.scale, work=work)
     return 0
 
 
@@ -34,4 +41,7 @@ def add_parsers(commands) -> None:
     study.add_argument("--scale", type=float, default=1.0, help="steps and data x this, e.g. 0.5 for about "
                                                                 "half the time (the issue asks for 1.0: 1,000 steps)")
     study.add_argument("--work", help="caches and runs, kept so that a rerun continues (default: <out>-work)")
+    study.add_argument("--help-with", action="append", default=[], metavar="TEACHER",
+                       help="after this study, train the runs of this teacher's study (repeatable) that no other "
+                            "process has claimed, in the same --work; its own `distillery study` reports them")
     study.set_defaults(run=_study)

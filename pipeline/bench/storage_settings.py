@@ -68,7 +68,8 @@ def setting_targets(teacher_logits: torch.Tensor, s: dict, layout: Layout, input
     if s["mode"] == "topk":
         parts = dict(zip(HEAD_FIELDS, topk_targets(teacher_logits, s["k"], 1.0)))
     else:
-        uniforms = torch.cat([sequence_uniforms(0, 0, i, seq_len, s["samples"]) for i in range(n)])
+        # Multinomial, the default draws (``cache.sampler``).
+        uniforms = torch.cat([sequence_uniforms(0, 0, i, seq_len, s["samples"], "multinomial") for i in range(n)])
         if s["mode"] == "hybrid":
             parts = dict(zip(HEAD_FIELDS + SAMPLE_FIELDS,
                              hybrid_draws(teacher_logits, s["k"], uniforms, 1.0, layout.sample_width)))

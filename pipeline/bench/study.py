@@ -4,14 +4,14 @@ For each teacher: one set of caches of the same KJV sequences (``MAIN_CACHES``: 
 and ``FEW_CACHES``: a quarter of that, so the same steps make ``epochs`` passes over it), then the arms of
 ``MAIN_ARMS`` and ``EPOCH_ARMS`` for equal steps, seeds paired (a seed fixes the initialisation and the data
 order). Every student is scored against the live teacher on one held-out split (``TeacherReference``), at its
-end and at ``checkpoints`` evenly spaced steps. A finished run's record is kept in the work folder, so a second
-call continues where the first stopped. ``study_report`` turns the records into tables and plots.
+end and at ``checkpoints`` evenly spaced steps. A finished run's record is kept in the work folder with the
+fingerprint of the cache it trained on, so a second call continues where the first stopped, and a run whose
+cache has changed since is trained again. ``study_report`` turns the records into tables and plots.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,22 +20,25 @@ import torch
 
 from pipeline.bench.quality import (
     CACHE_SETTINGS,
-    arm_overrides,
     build_cache,
-    bytes_per_token,
     train_common,
-    train_student,
 )
 from pipeline.bench.run import STUDENT
 from pipeline.bench.stage1 import run_settings
 from pipeline.bench.study_report import machine, study_summary, write_outputs
+from pipeline.bench.study_runs import run_all
 from pipeline.demo.tokenizer import CORPUS
-from pipeline.train.checkpoint import CHECKPOINTS, checkpoint_dirs, load_model_weights, read_state
+from pipeline.log import get_logger
 from pipeline.train.evaluate import TeacherReference
 from storage.atomic import write_text
 from storage.errors import CacheNotFoundError
 from storage.inspect import summarize
 from storage.manifest import MANIFEST_NAME, read_manifest
+
+CACHE_SECONDS = "cache-seconds.json"
+"""Per cache fingerprint, the seconds its build took: a later call that finds the cache still reports them."""
+
+log = get_logger("study")
 
 
 @dataclass(frozen=True)
@@ -78,15 +81,18 @@ QUICK = Profile(seq_len=32, batch=2, steps=4, eval_tokens=64, holdout=0.1, key_s
 QUICK_STUDENT = {**STUDENT, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
                  "num_attention_heads": 2, "num_key_value_heads": 2}
 
-MAIN_CACHES = {name: CACHE_SETTINGS[name] for name in ("sample50", "sample100", "hybrid8+24", "topk64", "topk64_8bit")}
-FEW_CACHES = {"few_sample50": CACHE_SETTINGS["sample50"], "few_sample200": ["cache.mode=sample", "cache.samples=200"]}
+MAIN_CACHES = {**{name: CACHE_SETTINGS[name] for name in ("sample50", "sample100", "hybrid8+24", "topk64", "topk64_8bit")},
+               "sample50_systematic": ["cache.mode=sample", "cache.samples=50", "cache.sampler=systematic"]}
+FEW_CACHES = {"few_sample50": CACHE_SETTINGS["sample50"],
+              "few_sample200": ["cache.mode=sample", "cache.samples=200"]}
 ONLINE = "loss.teacher_live={teacher}"
 # The top-64 arms use the ground-truth tail, the best top-64 tail in `make bench`.
 MAIN_ARMS = [("ce_only", "sample50", ["loss.kind=ce"]), ("online_full_kd", "sample50", [ONLINE]),
-             ("sample50", "sample50", []), ("sample100", "sample100", []), ("hybrid8+24", "hybrid8+24", []),
+             ("sample50", "sample50", []), ("sample50_systematic", "sample50_systematic", []),
+             ("sample100", "sample100", []), ("hybrid8+24", "hybrid8+24", []),
              ("topk64_ground_truth", "topk64", ["loss.tail=ground_truth"]),
              ("topk64_8bit_ground_truth", "topk64_8bit", ["loss.tail=ground_truth"])]
-KEY_ARMS = ("ce_only", "online_full_kd", "sample50")
+KEY_ARMS = ("ce_only", "online_full_kd", "sample50", "sample50_systematic")
 # One cache for several epochs: the same 50 draws again, a fresh 50 of 200 stored each epoch, or online KD.
 EPOCH_ARMS = [("epochs_sample50_reused", "few_sample50", []),
               ("epochs_sample50_fresh", "few_sample200", ["cache.draws_per_epoch=50"]),
@@ -114,17 +120,21 @@ def profile_for(params: int, quick: bool, scale: float) -> Profile:
 
 
 def build_caches(teacher: Path, work: Path, profile: Profile) -> tuple[dict[str, Path], dict[str, float | None]]:
-    """Every cache of one teacher's study and the seconds each took to build (None for a cache hit, found
-    from an earlier call: its manifest is older than this call)."""
+    """Every cache of one teacher's study and the seconds each took to build. A cache hit (its manifest is older
+    than this call) takes the seconds recorded in ``work/CACHE_SECONDS`` by the call that built it, or None."""
     caches, seconds = {}, {}
+    timings = work / CACHE_SECONDS
+    recorded = json.loads(timings.read_text()) if timings.is_file() else {}
     few_tokens = profile.epoch_tokens // profile.epochs
     for name, extra in [*MAIN_CACHES.items(), *FEW_CACHES.items()]:
         started_at, start = time.time(), time.perf_counter()
         tokens = few_tokens if name in FEW_CACHES else profile.epoch_tokens
         caches[name] = build_cache(teacher, work, profile.seq_len, tokens, extra, profile.holdout, profile.eval_tokens)
         # One second of slack: some file systems keep whole-second mtimes.
-        built_here = (caches[name] / MANIFEST_NAME).stat().st_mtime >= started_at - 1
-        seconds[name] = time.perf_counter() - start if built_here else None
+        if (caches[name] / MANIFEST_NAME).stat().st_mtime >= started_at - 1:
+            recorded[caches[name].name] = time.perf_counter() - start
+        seconds[name] = recorded.get(caches[name].name)
+    write_text(timings, json.dumps(recorded, indent=2) + "\n")
     return caches, seconds
 
 
@@ -153,58 +163,61 @@ def forward_ratio(teacher: Path, work: Path, quick: bool) -> dict:
                                    "end_to_end_over_forward", "end_to_end_spread", "bytes_per_token")}
 
 
-def score_checkpoints(out_dir: Path, final: Path, reference: TeacherReference) -> list[dict]:
-    """Score each checkpoint of a run but the last (its weights are ``final``), then delete them."""
-    from transformers import AutoModelForCausalLM
-
-    scored = []
-    for path in checkpoint_dirs(out_dir / CHECKPOINTS)[:-1]:
-        model = AutoModelForCausalLM.from_pretrained(str(final))
-        load_model_weights(path, model)
-        scored.append({"step": read_state(path)["step"], **reference.score(model)})
-    shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
-    return scored
+def planned_runs(profile: Profile) -> list[tuple[str, str, list[str], int]]:
+    """(name, cache name, overrides, seed) of every run of one teacher's study, seed by seed."""
+    planned = []
+    for arms, key_seeds in ((MAIN_ARMS, profile.key_seeds), (EPOCH_ARMS, profile.epoch_seeds)):
+        for seed in range(max(key_seeds, profile.seeds)):
+            planned += [(name, cache_name, extra, seed) for name, cache_name, extra in arms
+                        if seed < (key_seeds if name in KEY_ARMS or arms is EPOCH_ARMS else profile.seeds)]
+    return planned
 
 
-def run_arm(name: str, cache_dir: Path, extra: list[str], seed: int, context: dict) -> dict:
-    """Train one arm for one seed and score it at each checkpoint and at its end; reuse a finished record."""
-    out_dir = context["work"] / "runs" / f"{name}-seed{seed}"
-    done = out_dir / "record.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    final, seconds = train_student(arm_overrides(cache_dir, seed, out_dir, context["common"], extra,
-                                                 context["teacher"]))
-    start = time.perf_counter()
-    steps = [*score_checkpoints(out_dir, final, context["reference"]),
-             {"step": context["profile"].steps, **context["reference"].score(final)}]
-    uses_cache = not any(e.startswith(("loss.teacher_live", "loss.kind=ce")) for e in extra)
-    record = {"teacher": context["label"], "student": name, "seed": seed, **steps[-1], "steps": steps,
-              "train_seconds": seconds, "score_seconds": time.perf_counter() - start,
-              "cache_bytes_per_token": bytes_per_token(cache_dir) if uses_cache else None}
-    write_text(done, json.dumps(record, indent=2) + "\n")
-    return record
+def teacher_context(teacher: Path, work: Path, profile: Profile, student: dict, label: str) -> dict:
+    """What every run of one teacher needs: its caches (built or found), their build seconds, the held-out
+    reference and the shared training overrides."""
+    work = work / label
+    caches, cache_seconds = build_caches(teacher, work, profile)
+    common = train_common(student, profile.steps, profile.batch, warmup=max(1, profile.steps // 20), eval_batches=1,
+                          log_every=max(1, profile.steps // 20), checkpoints=profile.checkpoints)
+    return {"work": work, "teacher": teacher, "label": label, "profile": profile, "caches": caches,
+            "cache_seconds": cache_seconds, "reference": TeacherReference(teacher, caches["sample50"]), "common": common}
 
 
 def study_teacher(teacher: Path, work: Path, profile: Profile, student: dict, facts: dict) -> tuple[dict, list]:
-    """One teacher's caches and runs: its facts (with timings) and the run records."""
+    """One teacher's caches and runs (waiting for any that another process is training): its facts (with
+    timings) and the run records."""
     started = time.perf_counter()
-    work = work / facts["teacher"]
-    caches, cache_seconds = build_caches(teacher, work, profile)
-    reference = TeacherReference(teacher, caches["sample50"])
-    common = train_common(student, profile.steps, profile.batch, warmup=max(1, profile.steps // 20), eval_batches=1,
-                          log_every=max(1, profile.steps // 20), checkpoints=profile.checkpoints)
-    context = {"work": work, "teacher": teacher, "label": facts["teacher"], "profile": profile,
-               "reference": reference, "common": common}
-    records = []
-    for arms, key_seeds in ((MAIN_ARMS, profile.key_seeds), (EPOCH_ARMS, profile.epoch_seeds)):
-        for seed in range(max(key_seeds, profile.seeds)):
-            for name, cache_name, extra in arms:
-                if seed < (key_seeds if name in KEY_ARMS or arms is EPOCH_ARMS else profile.seeds):
-                    records.append(run_arm(name, caches[cache_name], extra, seed, context))
-    facts = {**facts, "profile": dataclasses.asdict(profile), "eval_tokens": reference.tokens,
-             "caches": cache_facts(caches, cache_seconds), "cache_pass": forward_ratio(teacher, work, profile is QUICK),
+    context = teacher_context(teacher, work, profile, student, facts["teacher"])
+    records = run_all(planned_runs(profile), context["caches"], context, wait=True)
+    facts = {**facts, "profile": dataclasses.asdict(profile), "key_arms": list(KEY_ARMS),
+             "eval_tokens": context["reference"].tokens,
+             "caches": cache_facts(context["caches"], context["cache_seconds"]),
+             "cache_pass": forward_ratio(teacher, context["work"], profile is QUICK),
              "seconds": time.perf_counter() - started}
     return facts, records
+
+
+def help_study(teachers: list[str | Path], work: str | Path, quick: bool = False, scale: float = 1.0) -> int:
+    """Train the runs of other teachers' studies that no process has claimed (``--help-with``); their own
+    ``distillery study`` processes report them. Returns how many runs this call trained or found finished."""
+    done = 0
+    for path in [Path(t).resolve() for t in teachers]:
+        facts = teacher_facts(path)
+        profile = profile_for(facts["params"], quick, scale)
+        context = teacher_context(path, Path(work).resolve(), profile, QUICK_STUDENT if quick else STUDENT,
+                                  facts["teacher"])
+        finished = len(run_all(planned_runs(profile), context["caches"], context, wait=False))
+        log.info(f"helped with {facts['teacher']}: {finished} of its {len(planned_runs(profile))} runs are finished; "
+                 "its own `distillery study` waits for the rest and reports them all")
+        done += finished
+    return done
+
+
+def default_work(out: str | Path) -> Path:
+    """The work folder of a study whose ``--work`` is not given: ``<out>-work`` beside ``out``."""
+    out = Path(out).resolve()
+    return out.with_name(f"{out.name}-work")
 
 
 def run_study(out: str | Path, teachers: list[str | Path], quick: bool = False, scale: float = 1.0,
@@ -215,7 +228,7 @@ def run_study(out: str | Path, teachers: list[str | Path], quick: bool = False, 
     ``quick`` without teachers builds a tiny random one: a smoke test of the study itself, never a result.
     """
     out = Path(out).resolve()
-    work = Path(work).resolve() if work else out.with_name(f"{out.name}-work")
+    work = Path(work).resolve() if work else default_work(out)
     paths = [Path(t).resolve() for t in teachers] or ([_quick_teacher(work)] if quick else [])
     if not paths:
         raise CacheNotFoundError("study: give at least one --teacher folder (or --quick)")

@@ -97,14 +97,15 @@ def _teacher_section(facts: dict, results: dict) -> str:
         f"## {label} ({facts['params'] / 1e6:.1f}M parameters, vocabulary {facts['vocab']:,}; "
         f"{facts['seconds'] / 60:.1f} min)\n",
         f"{profile['steps']} steps of {profile['batch']} x {profile['seq_len']} tokens; {facts['eval_tokens']:,} "
-        f"held-out tokens; {profile['key_seeds']} seeds for {', '.join(('ce_only', 'online_full_kd', 'sample50'))}, "
+        f"held-out tokens; {profile['key_seeds']} seeds for {', '.join(facts['key_arms'])}, "
         f"{profile['seeds']} for the others, {profile['epoch_seeds']} for the epoch arms. {verdict}\n",
         f"### Caches\n\nThe cache pass against the bare forward ({cache_pass['dtype']}, {cache_pass['tokens']:,} tokens, "
         f"sample 50): the whole pass, warm-up included, ran at {cache_pass['cache_tok_per_s']:.0f} tokens/s; "
         f"the bare forward at {cache_pass['forward_tok_per_s']:.0f} per warm batch. Paired, interleaved with the "
         f"pass on the same inputs: forward / cache time {cache_pass['cache_over_forward']:.2f} per batch, "
         f"{cache_pass['end_to_end_over_forward']:.2f} per shard with its write (medians). Per study cache "
-        "(tok_per_s when built by this call; ids, top-1 and entropy per position, as `distillery inspect`):\n\n"
+        "(seconds and tok_per_s of its build, as recorded by the call that built it; ids, top-1 and entropy per "
+        "position, as `distillery inspect`):\n\n"
         f"{markdown_table(facts['caches'], CACHE_COLUMNS)}\n",
         f"### Equal steps, one epoch (KL ratios paired by seed)\n\n{markdown_table(_shown(mine['quality']), QUALITY_COLUMNS)}\n",
         "### Gap to online KD by step (kl / online kl at the same step and seed; one cosine schedule, so an early "

@@ -88,6 +88,9 @@ def _fingerprint_identity(job: CacheJob, teacher: dict, tokenizer_hash: str, dat
         "top_k": c.top_k if c.mode != "sample" else None,
         "samples": c.samples if c.mode != "topk" else None,
         "seed": c.seed if c.mode != "topk" else None,
+        # Left out for multinomial draws, the only kind before cache.sampler existed, so those caches keep
+        # their fingerprints and are still found.
+        **({"sampler": c.sampler} if c.mode != "topk" and c.sampler != "multinomial" else {}),
         "temperature": c.temperature,
         "format": c.format,
         "shard_size": c.shard_size,

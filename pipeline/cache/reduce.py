@@ -110,8 +110,25 @@ def unique_counts(draws: torch.Tensor):
     return ids, counts
 
 
-def sequence_uniforms(seed: int, split_id: int, sequence: int, seq_len: int, draws: int) -> torch.Tensor:
-    """(seq_len, draws) float32 uniforms for one sequence, fixed by (seed, split, sequence index)."""
+# The largest float32 below 1: a uniform of exactly 1 would land past the end of the CDF.
+BELOW_ONE = 1.0 - 2.0**-24
+
+
+def sequence_uniforms(seed: int, split_id: int, sequence: int, seq_len: int, draws: int,
+                      sampler: str) -> torch.Tensor:
+    """(seq_len, draws) float32 uniforms in [0, 1) for one sequence, fixed by (seed, split, sequence index).
+
+    ``multinomial``: independent uniforms, so the draws are i.i.d. ``systematic``: one uniform u per
+    position, spread as (j + u) / N for j < N. Each uniform is still uniform on [0, 1), so every draw has
+    the teacher's distribution and the weights stay unbiased, but an id of probability p is drawn
+    floor(N p) or ceil(N p) times instead of Binomial(N, p) times.
+    """
     state = np.random.SeedSequence([seed, split_id, sequence]).generate_state(2, dtype=np.uint64)
     generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
-    return torch.rand((seq_len, draws), generator=generator)
+    if sampler == "multinomial":
+        return torch.rand((seq_len, draws), generator=generator)
+    if sampler != "systematic":
+        raise ValueError(f"unknown sampler {sampler!r}; choose systematic or multinomial")
+    offsets = torch.rand((seq_len, 1), generator=generator, dtype=torch.float64)
+    spread = (torch.arange(draws, dtype=torch.float64) + offsets) / draws
+    return spread.float().clamp_(max=BELOW_ONE)

@@ -53,7 +53,8 @@ def batch_targets(model, head: LogitHead, plan: CachePlan, split: str, first: in
     uniforms = None
     if c.mode != "topk":
         uniforms = torch.cat([
-            sequence_uniforms(c.seed, SPLIT_IDS[split], first + b, seq_len, c.samples) for b in range(batch)
+            sequence_uniforms(c.seed, SPLIT_IDS[split], first + b, seq_len, c.samples, c.sampler)
+            for b in range(batch)
         ]).to(flat.device)
     out: dict[str, torch.Tensor] = {}
     for lo in range(0, flat.shape[0], c.chunk_size):
