@@ -104,7 +104,7 @@ def teacher_facts(teacher: Path) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (teacher / "config.json").is_file():
-        raise CacheNotFoundError(f"study --teacher {teacher}: no model folder there (`make study` builds the "
+        raise CacheNotFoundError(f"study: no model folder at {teacher} (`make study` builds the "
                                  "demo teacher and the real one first: make demo-teacher real-teacher)")
     config = AutoConfig.from_pretrained(str(teacher))
     with torch.device("meta"):
@@ -139,7 +139,7 @@ def build_caches(teacher: Path, work: Path, profile: Profile) -> tuple[dict[str,
 
 
 def cache_facts(caches: dict[str, Path], seconds: dict[str, float | None]) -> list[dict]:
-    """Per cache: tokens, teacher-pass tokens/s (when built by this call), bytes/token, and what the stored
+    """Per cache: tokens, build seconds and teacher-pass tokens/s (None when unrecorded), bytes/token, and what the stored
     targets hold per position (distinct ids, top-1 probability, entropy), read from every shard."""
     rows = []
     for name, directory in caches.items():
@@ -207,8 +207,9 @@ def help_study(teachers: list[str | Path], work: str | Path, quick: bool = False
         profile = profile_for(facts["params"], quick, scale)
         context = teacher_context(path, Path(work).resolve(), profile, QUICK_STUDENT if quick else STUDENT,
                                   facts["teacher"])
-        finished = len(run_all(planned_runs(profile), context["caches"], context, wait=False))
-        log.info(f"helped with {facts['teacher']}: {finished} of its {len(planned_runs(profile))} runs are finished; "
+        planned = planned_runs(profile)
+        finished = len(run_all(planned, context["caches"], context, wait=False))
+        log.info(f"helped with {facts['teacher']}: {finished} of its {len(planned)} runs are finished; "
                  "its own `distillery study` waits for the rest and reports them all")
         done += finished
     return done
