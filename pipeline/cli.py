@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import textwrap
 
 from pipeline.bench.commands import add_parsers
 from pipeline.cache.config import CacheJob
+from pipeline.cli_tools import add_cache_tools, add_model_tools
 from pipeline.errors import CheckpointError, ConfigError, DataError, TeacherError
 from pipeline.log import get_logger, set_verbosity
 from pipeline.rounds.config import RunJob
 from pipeline.rounds.state import LockHeldError
 from pipeline.train.config import PretrainJob, TrainJob
-from storage.errors import CacheError
+from storage import CacheError
 
 USER_ERRORS = (CheckpointError, ConfigError, DataError, TeacherError, CacheError, FileNotFoundError, LockHeldError)
 
@@ -24,7 +24,7 @@ def _cache(args) -> int:
     from pipeline.config_loading import load_config
 
     job = load_config(CacheJob, args.config, args.overrides)
-    result = run_cache(job, num_tasks=args.num_shards, task_index=args.shard_index, finalize_only=args.finalize)
+    result = run_cache(job, num_tasks=args.num_tasks, task_index=args.task_index, finalize_only=args.finalize)
     print(result.directory)
     return 0
 
@@ -65,7 +65,7 @@ def _run(args) -> int:
     from pipeline.rounds.run import run_pipeline
 
     job = load_config(RunJob, args.config, args.overrides)
-    run_dir = run_pipeline(job, args.round, args.stage, args.num_shards, args.shard_index)
+    run_dir = run_pipeline(job, args.round, args.stage, args.num_tasks, args.task_index)
     if preempt.requested():  # the report is one more safe point: the rerun writes it
         raise preempt.Preempted("every stage is complete; stopped before the report (rerun to write it)")
     if args.round is None and args.stage is None and world().is_main:
@@ -97,60 +97,8 @@ def _slurm(args) -> int:
     from pipeline.rounds.slurm import render
 
     job = load_config(RunJob, args.config, [])
-    for path in render(args.config, args.round, args.num_shards, args.out, job.run.dir, gpus=args.gpus):
+    for path in render(args.config, args.round, args.num_tasks, args.out, job.run.dir, gpus=args.gpus):
         print(path)
-    return 0
-
-
-def _inspect(args) -> int:
-    from storage.inspect import format_summary, read_cache, summarize
-
-    summary = summarize(read_cache(args.directory))
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
-    return 0
-
-
-def _verify(args) -> int:
-    from storage.inspect import read_cache
-
-    manifest = read_cache(args.directory)
-    problems = manifest.verify()
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    print(f"{len(manifest.shards) - len(problems)}/{len(manifest.shards)} shards verified in {args.directory}")
-    return 1 if problems else 0
-
-
-def _export(args) -> int:
-    from pipeline.log import progress_bars
-    from storage.export import export_cache
-
-    s = export_cache(args.cache, args.out, args.format, split=args.split, max_sequences=args.max_sequences,
-                     start=args.start, overwrite=args.overwrite, progress=progress_bars())
-    print(f"exported {s['rows']} sequences ({s['split']} {s['start']}..{s['start'] + s['rows'] - 1}) of {s['cache']} "
-          f"to {s['out']}: {s['files']} {s['format']} files, {s['bytes'] / 1e6:.2f} MB")
-    return 0
-
-
-def _tokenizer(args) -> int:
-    from pipeline.demo.tokenizer import build_tokenizer
-
-    print(build_tokenizer(args.out, vocab_size=args.vocab_size))
-    return 0
-
-
-def _init_model(args) -> int:
-    from pipeline.demo.init_model import build_model
-
-    print(build_model(args.tokenizer, args.out, arch=args.arch, hidden=args.hidden, layers=args.layers,
-                      heads=args.heads, max_positions=args.max_positions, seed=args.seed))
-    return 0
-
-
-def _convert_gguf(args) -> int:
-    from pipeline.gguf import convert_gguf
-
-    print(convert_gguf(args.model, args.gguf_file, args.out, overwrite=args.overwrite))
     return 0
 
 
@@ -174,6 +122,24 @@ def _stage_parser(commands, name: str, handler, text: str, job_class: type, exam
     return stage
 
 
+class _Renamed(argparse.Action):
+    """A flag's old name, kept for one release: it sets the new flag and says so in one line."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = "--" + self.dest.replace("_", "-")
+        print(f"warning: {option_string} is deprecated and goes in the next release; use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _task_flags(parser, tasks: int, text: str, index: bool = True) -> None:
+    """``--num-tasks`` (and ``--task-index``): Slurm array tasks, each writing its part of a cache."""
+    parser.add_argument("--num-tasks", type=int, default=tasks, help=text)
+    parser.add_argument("--num-shards", type=int, dest="num_tasks", action=_Renamed, help=argparse.SUPPRESS)
+    if index:
+        parser.add_argument("--task-index", type=int, default=0, help="this task's index in [0, num-tasks)")
+        parser.add_argument("--shard-index", type=int, dest="task_index", action=_Renamed, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distillery", description="Offline knowledge distillation for causal LMs.")
     parser.add_argument("-v", "--verbose", action="store_const", const=1, default=0, dest="verbosity",
@@ -184,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = _stage_parser(commands, "cache", _cache, "run the teacher once and cache its soft targets", CacheJob,
                           "cache.top_k=32")
-    cache.add_argument("--num-shards", type=int, default=1, help="number of parallel jobs (e.g. Slurm array size)")
-    cache.add_argument("--shard-index", type=int, default=0, help="this job's index in [0, num-shards)")
+    _task_flags(cache, 1, "parallel cache jobs (e.g. a Slurm array's size)")
     cache.add_argument("--finalize", action="store_true", help="only assemble the manifest from finished shards")
     _stage_parser(commands, "prepare", _prepare, "tokenize and pack the data once into the cache's token store "
                   "(before a Slurm array, so its tasks only memory-map it)", CacheJob, "data.seq_len=1024")
@@ -197,8 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--round", type=int, help="only this round (1-based)")
     run.add_argument("--stage", choices=["prepare", "cache", "train"],
                      help="only this stage (prepare: the token store of the cache stage)")
-    run.add_argument("--num-shards", type=int, default=1, help="parallel cache jobs (Slurm array size)")
-    run.add_argument("--shard-index", type=int, default=0, help="this cache job's index")
+    _task_flags(run, 1, "parallel cache jobs (e.g. a Slurm array's size)")
 
     for name, handler, text in (("status", _status, "show the state of every round and stage"),
                                 ("report", _report, "write report.md and plots for a run")):
@@ -209,65 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     slurm = commands.add_parser("slurm", help="render sbatch scripts for one round of a run")
     slurm.add_argument("--config", required=True)
     slurm.add_argument("--round", type=int, default=1)
-    slurm.add_argument("--num-shards", type=int, default=8, help="cache array tasks")
+    _task_flags(slurm, 8, "cache array tasks", index=False)
     slurm.add_argument("--gpus", type=int, default=8, help="GPUs of the training job")
     slurm.add_argument("--out", required=True, help="folder for the scripts and logs")
     slurm.set_defaults(run=_slurm)
 
-    _add_cache_tools(commands)  # inspect, verify, export
-    _add_model_tools(commands)  # tokenizer, init-model, convert-gguf
+    add_cache_tools(commands)  # inspect, verify, export
+    add_model_tools(commands)  # tokenizer, init-model, convert-gguf
     add_parsers(commands)  # bench and study
     return parser
-
-
-def _add_cache_tools(commands) -> None:
-    """The subcommands that read a finished cache: ``inspect``, ``verify`` and ``export``."""
-    inspect = commands.add_parser("inspect", help="summarise a cache")
-    inspect.add_argument("directory")
-    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
-    inspect.set_defaults(run=_inspect)
-    verify = commands.add_parser("verify", help="re-hash every shard of a cache")
-    verify.add_argument("directory")
-    verify.set_defaults(run=_verify)
-    export = commands.add_parser("export", help="write a cache (or a slice) as a datasets folder or Parquet files",
-                                 description="Write a finished cache, or a slice of one split, as a Hugging Face "
-                                 "datasets folder (datasets.load_from_disk) or zstd Parquet files, with Axolotl's KD "
-                                 "columns (input_ids, labels, target_token_ids, target_logprobs, target_mask ...).")
-    export.add_argument("cache", help="the cache directory or URL")
-    export.add_argument("--out", required=True, help="a new or empty directory to write")
-    export.add_argument("--format", choices=["hf", "parquet"], default="hf",
-                        help="hf: a datasets.save_to_disk folder (default); parquet: data-*.parquet files")
-    export.add_argument("--split", default="train", help="the split to export (default: train)")
-    export.add_argument("--start", type=int, default=0, help="the first sequence, in manifest order (default: 0)")
-    export.add_argument("--max-sequences", type=int, help="at most this many sequences (default: all)")
-    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    export.set_defaults(run=_export)
-
-
-def _add_model_tools(commands) -> None:
-    """The subcommands that make models and tokenizers: ``tokenizer``, ``init-model`` and ``convert-gguf``."""
-    tokenizer = commands.add_parser("tokenizer", help="train the byte-level BPE on the shipped corpus")
-    tokenizer.add_argument("--out", required=True)
-    tokenizer.add_argument("--vocab-size", type=int, default=8192)
-    tokenizer.set_defaults(run=_tokenizer)
-
-    init = commands.add_parser("init-model", help="save a random-initialised model on a local tokenizer")
-    init.add_argument("--tokenizer", required=True)
-    init.add_argument("--out", required=True)
-    init.add_argument("--arch", default="llama", choices=["llama", "gpt2", "gemma2"])
-    init.add_argument("--hidden", type=int, default=384)
-    init.add_argument("--layers", type=int, default=6)
-    init.add_argument("--heads", type=int, default=6)
-    init.add_argument("--max-positions", type=int, default=1024)
-    init.add_argument("--seed", type=int, default=0)
-    init.set_defaults(run=_init_model)
-    gguf = commands.add_parser("convert-gguf", help="write a GGUF model (dequantised to fp32) and its tokenizer "
-                               "as an ordinary save_pretrained folder")
-    gguf.add_argument("--model", required=True, help="a .gguf file, or the folder holding it")
-    gguf.add_argument("--gguf-file", help="the file's name in the --model folder (needed when it holds several)")
-    gguf.add_argument("--out", required=True, help="a new or empty directory to write")
-    gguf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    gguf.set_defaults(run=_convert_gguf)
 
 
 def one_line(message: str) -> str:

@@ -55,3 +55,8 @@ class RemoteStorageError(CacheError, OSError):
 
 class ExportError(CacheError, ValueError):
     """An export was asked for a split, slice or output directory that cannot be used; the message says why."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (its class name when it has none), for one-line reports."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]

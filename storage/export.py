@@ -35,14 +35,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from storage.atomic import atomic_write, ensure_writable
+from storage.describe import read_cache
 from storage.errors import ExportError
-from storage.inspect import read_cache
+from storage.io.atomic import atomic_write, ensure_writable
 from storage.manifest import Manifest
-from storage.reader import ShardLoader
-from storage.remote import is_url
+from storage.read.reader import ShardLoader
+from storage.remote.fs import is_url
+from storage.remote.store import Cache, LocalShards
 
-FORMATS = ("hf", "parquet")
+EXPORT_TARGETS = ("hf", "parquet")
 PAD_ID = 0
 LOGPROB_FLOOR = -1e9
 IGNORE_INDEX = -100
@@ -87,13 +88,13 @@ def select(manifest: Manifest, split: str, start: int = 0, max_sequences: int | 
     return Selection(split, start, end - start, tuple(parts))
 
 
-def check_out(manifest: Manifest, out: Path, overwrite: bool) -> None:
+def check_out(cache: Cache, out: Path, overwrite: bool) -> None:
     """Refuse an output that exists and is not an empty directory (unless ``overwrite``), or that would
     replace or sit inside the cache itself."""
-    if not manifest.remote:
-        cache, target = manifest.directory.resolve(), out.resolve()
-        if cache == target or cache.is_relative_to(target) or target.is_relative_to(cache):
-            raise ExportError(f"--out {out} is the cache {manifest.location}, inside it or a folder around it; "
+    if isinstance(cache.store, LocalShards):
+        folder, target = cache.store.directory.resolve(), out.resolve()
+        if folder == target or folder.is_relative_to(target) or target.is_relative_to(folder):
+            raise ExportError(f"--out {out} is the cache {cache.location}, inside it or a folder around it; "
                               "choose a directory outside the cache")
     if out.is_dir() and not any(out.iterdir()) or not (out.exists() or out.is_symlink()):
         return
@@ -113,7 +114,7 @@ def _lists(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
 
 
 def to_columns(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Reader arrays (``storage.schema.READER_FIELDS``) of n sequences -> the exported columns as arrays."""
+    """Reader arrays (``storage.codec.targets.READER_FIELDS``) of n sequences -> the exported columns as arrays."""
     ids, keep = arrays["input_ids"].astype(np.int32), arrays["loss_mask"].astype(bool)
     labels = np.full_like(ids, IGNORE_INDEX)
     labels[:, 1:] = np.where(keep[:, :-1], ids[:, 1:], IGNORE_INDEX)
@@ -156,14 +157,14 @@ def _schema(provenance: dict):
 class _Files:
     """Writes one file per shard read, ``data-00000-of-0000N.<ext>``, into ``folder``."""
 
-    def __init__(self, folder: Path, fmt: str, schema: pa.Schema, count: int):
-        self.folder, self.fmt, self.schema, self.count = folder, fmt, schema, count
+    def __init__(self, folder: Path, target: str, schema: pa.Schema, count: int):
+        self.folder, self.target, self.schema, self.count = folder, target, schema, count
         self.names: list[str] = []
 
     def write(self, batches) -> None:
-        name = f"data-{len(self.names):05d}-of-{self.count:05d}.{'arrow' if self.fmt == 'hf' else 'parquet'}"
+        name = f"data-{len(self.names):05d}-of-{self.count:05d}.{'arrow' if self.target == 'hf' else 'parquet'}"
         path = self.folder / name
-        if self.fmt == "hf":
+        if self.target == "hf":
             with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, self.schema) as writer:
                 for batch in batches:
                     writer.write_batch(batch)
@@ -195,33 +196,34 @@ def _batches(arrays: dict[str, np.ndarray], lo: int, hi: int, schema: pa.Schema,
         bar.update(len(part["input_ids"]))
 
 
-def export_cache(location: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf", split: str = "train",
+def export_cache(location: str | os.PathLike, out: str | os.PathLike, target: str = "hf", split: str = "train",
                  max_sequences: int | None = None, start: int = 0, overwrite: bool = False,
                  progress: bool = True) -> dict:
     """Write sequences ``start`` .. ``start + max_sequences`` of ``split`` of the cache at ``location`` (a
-    directory or URL) to the directory ``out`` as ``fmt`` (``hf`` or ``parquet``), shard by shard, each shard's
+    directory or URL) to the directory ``out`` as ``target`` (``hf`` or ``parquet``), shard by shard, each shard's
     checksum verified. ``out`` appears complete or not at all. Returns rows, files and bytes written."""
-    if fmt not in FORMATS:
-        raise ExportError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}; choose one")
+    if target not in EXPORT_TARGETS:
+        raise ExportError(f"--format {target!r} is not one of {', '.join(EXPORT_TARGETS)}; choose one")
     if is_url(str(out)):
         raise ExportError(f"--out {out} is a URL; export to a local directory, then upload it")
     out = Path(out)
-    manifest = read_cache(location)
+    cache = read_cache(location)
+    manifest = cache.manifest
     selection = select(manifest, split, start, max_sequences)
-    check_out(manifest, out, overwrite)
+    check_out(cache, out, overwrite)
     ensure_writable(out.absolute().parent, "--out")
     provenance = _provenance(manifest, selection)
     features, schema = _schema(provenance)
-    loader = ShardLoader(manifest, split, verify=True, upcoming=iter([index for index, _, _ in selection.parts]))
+    loader = ShardLoader(cache, split, verify=True, upcoming=iter([index for index, _, _ in selection.parts]))
     with atomic_write(out) as tmp, tqdm(total=selection.rows, unit="seq", desc="export", file=sys.stderr,
                                           disable=not progress) as bar:
         tmp.mkdir()
-        files = _Files(tmp, fmt, schema, len(selection.parts))
+        files = _Files(tmp, target, schema, len(selection.parts))
         for index, lo, hi in selection.parts:
             files.write(_batches(loader(index), lo, hi, schema, bar))
-        if fmt == "hf":
+        if target == "hf":
             _write_hf_metadata(tmp, features, provenance, files.names)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    return {"cache": manifest.location, "out": str(out), "format": fmt, "split": split, "start": selection.start,
+    return {"cache": manifest.location, "out": str(out), "format": target, "split": split, "start": selection.start,
             "rows": selection.rows, "files": len(files.names), "bytes": size}
 

@@ -23,11 +23,6 @@ os.environ["DISTILLERY_NATIVE_BF16"] = "0"
 BENCH_SMOKE = os.environ.get("BENCH_SMOKE") == "1"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "bench_smoke: a slow run of benchmark code that `make bench-smoke` runs, "
-                                       "not `make test`")
-
-
 def pytest_collection_modifyitems(config, items):
     if not BENCH_SMOKE:
         skip_marked(items, "bench_smoke", "BENCH_SMOKE=1 only: `make bench-smoke` runs it")

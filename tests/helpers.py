@@ -9,8 +9,8 @@ import pytest
 from pipeline.cache.config import CacheJob
 from pipeline.cache.run import CacheResult, run_cache
 from pipeline.config_loading import load_config
-from storage.layout import read_shard
-from storage.manifest import read_manifest
+from storage.read.reader import read_shard
+from storage.remote.store import open_cache
 
 
 def skip_marked(items, marker: str, reason: str) -> None:
@@ -22,7 +22,7 @@ def skip_marked(items, marker: str, reason: str) -> None:
 
 
 def make_targets(layout, n: int = 5, seq_len: int = 7, seed: int = 0, high_ids: bool = True) -> dict[str, np.ndarray]:
-    """Random targets (``storage.schema``) for ``layout``: distinct head ids by descending log-prob, a few -inf
+    """Random targets (``storage.codec.targets``) for ``layout``: distinct head ids by descending log-prob, a few -inf
     log-probs, and distinct sampled ids with counts summing to N, some slots unused; with ``high_ids`` the
     largest id of the vocabulary occurs."""
     rng = np.random.default_rng(seed)
@@ -57,8 +57,8 @@ def cache(args: list[str], **kwargs) -> CacheResult:
 
 def read_all(directory: Path) -> dict[str, dict]:
     """Every shard of a finished cache as its reader arrays, by shard path."""
-    manifest = read_manifest(directory)
-    return {s.path: read_shard(manifest, manifest.shard_path(s)) for s in manifest.shards}
+    opened = open_cache(directory)
+    return {s.path: read_shard(opened, s) for s in opened.manifest.shards}
 
 
 def cache_args(model: Path, data: Path, directory: Path, **extra) -> list[str]:

@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.cache.reduce import sample_targets, sequence_uniforms
 from pipeline.demo.init_model import build_model
-from storage.inspect import format_summary, summarize
+from storage.describe import format_summary, summarize
 from storage.manifest import read_manifest
+from storage.remote.store import open_cache
 
 
 def reference_logits(model_dir, input_ids: np.ndarray) -> torch.Tensor:
@@ -73,7 +74,8 @@ def test_sample_mode_reproduces_from_teacher_forward(tmp_path, llama_dir, corpus
     directory = cache(args).directory
     manifest = read_manifest(directory)
     assert manifest.width == 20 and manifest.mode == "sample"
-    assert summarize(manifest)["sampler"] == sampler and f"sample ({sampler} draws)" in format_summary(summarize(manifest))
+    summary = summarize(open_cache(directory))
+    assert summary["sampler"] == sampler and f"sample ({sampler} draws)" in format_summary(summary)
     record = manifest.shards_for("train")[0]
     shard = read_all(directory)[record.path]
     logits = reference_logits(llama_dir, shard["input_ids"])

@@ -14,7 +14,7 @@ from helpers import cache, cache_args, read_all
 from pipeline import cli
 from storage.errors import FingerprintMismatchError
 from storage.manifest import read_manifest
-from storage.writer import CacheDirectory
+from storage.write.cache import CacheDirectory
 
 
 def shard_hashes(directory) -> dict[str, str]:
@@ -84,12 +84,12 @@ def test_crash_then_resume_equals_uninterrupted(tmp_path, reference, llama_dir, 
     original = CacheDirectory.write_shard
     calls = []
 
-    def crash_on_third(self, plan, shard_format, arrays, level):
+    def crash_on_third(self, plan, backend, arrays, level):
         calls.append(plan.name)
         if len(calls) == 3:
             (directory / f".{plan.name}.tmp-999-dead").write_bytes(b"partial")  # a killed writer's leftover
             raise RuntimeError("simulated crash")
-        original(self, plan, shard_format, arrays, level)
+        original(self, plan, backend, arrays, level)
 
     monkeypatch.setattr(CacheDirectory, "write_shard", crash_on_third)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -163,7 +163,7 @@ def test_eval_path_is_cached_as_eval_split(tmp_path, llama_dir, corpus_jsonl):
     manifest = read_manifest(cache(args).directory)
     evals = manifest.shards_for("eval")
     assert len(evals) == 1 and evals[0].sequences == 1
-    shard = read_all(manifest.directory)[evals[0].path]
+    shard = read_all(manifest.location)[evals[0].path]
     real = int(shard["loss_mask"].sum()) + 1  # rows whose next token is real, plus the final EOS
     assert 0 < real < shard["loss_mask"].size and shard["loss_mask"][0, : real - 1].all()
     assert np.all(shard["input_ids"][0, real:] == manifest.tokenizer["pad_token_id"])

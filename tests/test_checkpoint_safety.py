@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from pipeline import cli
 from pipeline.train.checkpoint import STATE_SEAL, checkpoint_dirs
-from storage.manifest import file_sha256, with_seal
+from storage.io.hashing import tree_sha256
+from storage.io.seals import with_seal
 
 SETTINGS = {"train.steps": 12, "train.checkpoint_every": 4, "train.keep_checkpoints": 2}
 
@@ -62,7 +63,7 @@ def plant_pickle(file: Path, marker: Path) -> Path:
     torch.save({**data, "payload": Plant(marker)}, file)
     state_file = file.parent / "state.json"
     state = json.loads(state_file.read_text())
-    state["files"][file.name] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
+    state["files"][file.name] = {"bytes": file.stat().st_size, "sha256": tree_sha256(file)}
     state_file.write_text(json.dumps(with_seal({k: v for k, v in state.items() if k != STATE_SEAL}, STATE_SEAL)))
     return file
 

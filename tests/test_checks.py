@@ -20,12 +20,12 @@ from pipeline.config_loading import load_config
 from pipeline.demo.init_model import build_model
 from pipeline.demo.tokenizer import QA_CORPUS
 from pipeline.errors import TeacherError
-from pipeline.hf import LogitHead, check_logit_head
+from pipeline.models.head import LogitHead, check_logit_head
 from pipeline.train.evaluate import ECE_BINS, CalibrationBins, HeldOutMetrics
-from storage import atomic
-from storage.inspect import summarize
-from storage.manifest import read_manifest
-from storage.prefetch import prefetch
+from storage.describe import summarize
+from storage.io import atomic
+from storage.read.prefetch import prefetch
+from storage.remote.store import open_cache
 
 
 def prefetch_threads() -> set[threading.Thread]:
@@ -39,7 +39,7 @@ def started_thread(iterator, before: set[threading.Thread]) -> tuple[object, thr
     return first, thread
 
 
-# --- storage.prefetch ------------------------------------------------------------------------------------------
+# --- storage.read.prefetch ------------------------------------------------------------------------------------------
 
 
 def test_prefetch_hands_the_sources_error_to_the_consumer_after_its_items():
@@ -94,7 +94,7 @@ def test_prefetch_thread_stops_when_the_consumer_stops_after_a_finite_source_end
     assert not thread.is_alive()
 
 
-# --- pipeline.hf.check_logit_head ------------------------------------------------------------------------------
+# --- pipeline.models.head.check_logit_head ------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_the_sampler_changes_the_fingerprint_and_multinomial_keeps_the_old_one(t
     assert identity(**{"cache.mode": "topk", "cache.sampler": "multinomial"})[0] == identity(**{"cache.mode": "topk"})[0]
 
 
-# --- storage.atomic: replacing a directory ----------------------------------------------------------------------
+# --- storage.io.atomic: replacing a directory ----------------------------------------------------------------------
 
 
 def write_dir(path, text: str) -> None:
@@ -302,7 +302,7 @@ def test_concurrent_directory_replacements_always_leave_a_complete_directory(tmp
     assert errno.ENOTEMPTY in races, "the two writers never collided; the test did not exercise the retry"
 
 
-# --- storage.inspect: mean unique ids ---------------------------------------------------------------------------
+# --- storage.describe: mean unique ids ---------------------------------------------------------------------------
 
 
 def test_inspect_mean_unique_ids_counts_stored_ids_at_loss_positions(tmp_path, peaked_teachers):
@@ -318,7 +318,7 @@ def test_inspect_mean_unique_ids_counts_stored_ids_at_loss_positions(tmp_path, p
     unique = (ids >= 0).sum(-1)
     assert 0.3 < mask.mean() < 0.9  # prompts are masked out, so the mask matters
     assert unique.min() <= 8 and unique.max() == 16  # some positions fill every slot, others only a few
-    summary = summarize(read_manifest(directory))
+    summary = summarize(open_cache(directory))
     assert summary["width"] == 16
     assert summary["mean_unique_ids"] == pytest.approx(unique[mask].mean(), rel=1e-12)
     assert summary["mean_unique_ids"] != pytest.approx(unique.mean(), rel=1e-6)

@@ -84,3 +84,14 @@ def test_the_script_catches_preemption_from_the_start_and_ignores_it_once_done(t
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "missing")], capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
     assert "handlers before the CLI: True" in done.stdout and "ignored after: True" in done.stdout
+
+
+@pytest.mark.parametrize("command", [["cache"], ["run", "--config", "x.yaml"]])
+def test_the_old_task_flags_still_work_for_one_release_with_a_one_line_warning(command, capsys):
+    args = cli.build_parser().parse_args([*command, "--num-shards", "3", "--shard-index", "1"])
+    assert (args.num_tasks, args.task_index) == (3, 1)
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == ["warning: --num-shards is deprecated and goes in the next release; use --num-tasks",
+                        "warning: --shard-index is deprecated and goes in the next release; use --task-index"]
+    args = cli.build_parser().parse_args([*command, "--num-tasks", "4", "--task-index", "2"])
+    assert (args.num_tasks, args.task_index) == (4, 2) and capsys.readouterr().err == ""

@@ -12,8 +12,11 @@ import pytest
 from helpers import cache, cache_args, train_args
 
 from pipeline import cli
-from storage.manifest import MANIFEST_NAME, MANIFEST_SEAL, file_sha256, with_seal
-from storage.writer import DONE_SEAL, CacheDirectory
+from storage.io.hashing import tree_sha256
+from storage.io.seals import with_seal
+from storage.manifest import MANIFEST_NAME, MANIFEST_SEAL
+from storage.write.cache import CacheDirectory
+from storage.write.folder import DONE_SEAL
 
 DAMAGED = "train-00003"  # the 12 steps of train_args never read it: only checking every shard up front finds it
 
@@ -245,7 +248,7 @@ def test_a_damaged_token_store_is_named_and_rebuilt(damage, command, caches, lla
                                                     capfd):
     directory = copy_of(caches["arrow"], tmp_path)
     (store,) = [p for p in (directory / "tokens").iterdir() if p.is_dir()]
-    before = {p.name: file_sha256(p) for p in store.iterdir()}
+    before = {p.name: tree_sha256(p) for p in store.iterdir()}
     name, damage_file = STORE_DAMAGE[damage]
     damage_file(store / name)
     capfd.readouterr()
@@ -253,6 +256,6 @@ def test_a_damaged_token_store_is_named_and_rebuilt(damage, command, caches, lla
     err = capfd.readouterr().err
     warnings = [line for line in err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and str(store / name) in warnings[0] and "rebuilding" in warnings[0]
-    assert {p.name: file_sha256(p) for p in store.iterdir()} == before
+    assert {p.name: tree_sha256(p) for p in store.iterdir()} == before
     if command == "cache":
         assert "cache hit" in err

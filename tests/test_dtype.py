@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers import cache_args, train, train_args
 
-from pipeline import hf
 from pipeline.cache.config import CacheJob
 from pipeline.cache.plan import make_plan
 from pipeline.config_loading import load_config
+from pipeline.models import device
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda:0")
 
@@ -19,7 +19,7 @@ CPU, GPU = torch.device("cpu"), torch.device("cuda:0")
 @pytest.fixture
 def cpu_bf16(monkeypatch):
     """Set whether the CPU reports AVX-512-BF16 (AMX stays off); the suite's override is lifted."""
-    monkeypatch.delenv(hf.NATIVE_BF16_ENV, raising=False)
+    monkeypatch.delenv(device.NATIVE_BF16_ENV, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
 
     def set_native(value: bool):
@@ -31,37 +31,37 @@ def cpu_bf16(monkeypatch):
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
 def test_auto_on_cpu_is_bf16_only_with_native_support(cpu_bf16, native, expected):
     cpu_bf16(native)
-    assert hf.compute_dtype("auto", CPU) == expected
+    assert device.compute_dtype("auto", CPU) == expected
     # the log line names the choice and why
-    assert hf.dtype_choice("auto", expected, CPU).startswith(f"{expected} (auto: {'native' if native else 'no native'} bf16")
-    assert hf.dtype_choice("fp32", "fp32", CPU) == "fp32 (as set)"
+    assert device.dtype_choice("auto", expected, CPU).startswith(f"{expected} (auto: {'native' if native else 'no native'} bf16")
+    assert device.dtype_choice("fp32", "fp32", CPU) == "fp32 (as set)"
 
 
 def test_amx_counts_as_native_bf16(cpu_bf16, monkeypatch):
     cpu_bf16(False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert hf.compute_dtype("auto", CPU) == "bf16"
+    assert device.compute_dtype("auto", CPU) == "bf16"
 
 
 @pytest.mark.parametrize("bf16_gpu, allow_fp16, expected", [(True, True, "bf16"), (False, True, "fp16"),
                                                               (False, False, "fp32")])
 def test_auto_on_gpu_takes_fp16_without_bf16(monkeypatch, bf16_gpu, allow_fp16, expected):
-    monkeypatch.delenv(hf.NATIVE_BF16_ENV, raising=False)
+    monkeypatch.delenv(device.NATIVE_BF16_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16_gpu)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a test GPU")
-    assert hf.compute_dtype("auto", GPU, allow_fp16=allow_fp16) == expected
+    assert device.compute_dtype("auto", GPU, allow_fp16=allow_fp16) == expected
 
 
 @pytest.mark.parametrize("requested", ["bf16", "fp16", "fp32"])
 def test_an_explicit_dtype_is_kept_on_any_hardware(cpu_bf16, requested):
     cpu_bf16(False)
-    assert hf.compute_dtype(requested, CPU) == requested
+    assert device.compute_dtype(requested, CPU) == requested
 
 
 def test_the_environment_overrides_the_check(cpu_bf16, monkeypatch):
     cpu_bf16(False)
-    monkeypatch.setenv(hf.NATIVE_BF16_ENV, "1")
-    assert hf.compute_dtype("auto", CPU) == "bf16"
+    monkeypatch.setenv(device.NATIVE_BF16_ENV, "1")
+    assert device.compute_dtype("auto", CPU) == "bf16"
 
 
 def test_the_fingerprint_holds_the_resolved_teacher_dtype(cpu_bf16, llama_dir, corpus_jsonl, tmp_path):

@@ -18,7 +18,8 @@ from pipeline import cli
 from storage import export
 from storage.export import ExportError, export_cache
 from storage.manifest import read_manifest
-from storage.reader import sequential_batches
+from storage.read.reader import sequential_batches
+from storage.remote.store import open_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPES = {"input_ids": "list<item: int32>", "attention_mask": "list<item: int8>", "labels": "list<item: int32>",
@@ -184,7 +185,7 @@ def test_cli_exports_and_refuses_bad_input_with_one_line(hybrid_cache, tmp_path,
         assert cli.main(["-q", "export", *argv]) == 2, argv
         assert named in one_error_line(capfd)
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
-    assert read_manifest(hybrid_cache).verify() == []
+    assert open_cache(hybrid_cache).verify() == []
 
     assert cli.main(["-q", "export", str(hybrid_cache), "--out", str(out), "--overwrite"]) == 0
     assert "data-00000-of-" in " ".join(p.name for p in out.iterdir()) and (out / "state.json").is_file()

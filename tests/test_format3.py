@@ -12,11 +12,12 @@ from helpers import cache, cache_args, read_all, train, train_args
 from safetensors.torch import load_file
 
 from pipeline.demo.init_model import build_model
-from storage.inspect import summarize
-from storage.layout import Layout
-from storage.layout_v3 import delta_decode, join_planes
+from storage.codec.layout import Layout
+from storage.codec.v3 import delta_decode, join_planes
+from storage.describe import summarize
 from storage.manifest import read_manifest
-from storage.reader import sequential_batches
+from storage.read.reader import sequential_batches
+from storage.remote.store import open_cache
 
 FIXTURES = Path(__file__).parent / "data"
 
@@ -88,9 +89,9 @@ def test_format2_and_format3_caches_train_to_bitwise_equal_students(tmp_path, ll
 def test_a_cache_written_by_the_format2_release_still_reads_and_trains(tmp_path, name):
     directory = shutil.copytree(FIXTURES / name, tmp_path / name)
     manifest = read_manifest(directory)
-    assert manifest.format_version == 2 and manifest.verify() == []
+    assert manifest.format_version == 2 and open_cache(directory).verify() == []
     # That release drew multinomially and did not name it; top-k caches draw nothing.
-    assert summarize(manifest)["sampler"] == ("multinomial" if manifest.mode == "hybrid" else None)
+    assert summarize(open_cache(directory))["sampler"] == ("multinomial" if manifest.mode == "hybrid" else None)
     head = manifest.top_k
     for batch in sequential_batches(directory, "train", 8):
         ids, logprobs = batch["topk_ids"].numpy(), batch["topk_logprobs"].numpy()
@@ -125,3 +126,10 @@ def test_the_readme_numpy_reader_matches_distillery(tmp_path, wide_model, corpus
         np.testing.assert_array_equal(ids, want["topk_ids"])
         np.testing.assert_allclose(logprobs, want["topk_logprobs"], rtol=1e-3, atol=1e-3)  # ours: fp16-rounded
         np.testing.assert_array_equal(tail, want["tail_logprob"])
+    snippet = (FIXTURES.parent.parent / "README.md").read_text().split("<!-- storage-reader -->\n```python\n", 1)[1]
+    scope = {"directory": directory}
+    exec(compile(snippet.split("```", 1)[0], "README.md", "exec"), scope)
+    train_shards = {path: arrays for path, arrays in read_all(directory).items() if path.startswith("train-")}
+    assert scope["shards"].keys() == train_shards.keys() and train_shards
+    for path, arrays in train_shards.items():
+        assert all(np.array_equal(scope["shards"][path][name], arrays[name]) for name in arrays)

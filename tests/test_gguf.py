@@ -12,14 +12,14 @@ from gguf_files import write_gguf
 from helpers import cache_args, read_all
 
 from pipeline import cli
-from pipeline import gguf as gguf_module
 from pipeline.cache.config import CacheJob
 from pipeline.cache.plan import make_plan
 from pipeline.config_loading import load_config
 from pipeline.errors import ConfigError
-from pipeline.gguf import file_sha256
-from pipeline.hf import load_config_and_tokenizer, load_model
+from pipeline.models import gguf as gguf_module
+from pipeline.models.hf import load_config_and_tokenizer, load_model
 from pipeline.rounds.config import RunJob, cache_job, previous_final
+from storage.io.hashing import tree_sha256
 from storage.manifest import read_manifest
 
 pytest.importorskip("gguf")
@@ -75,7 +75,7 @@ def test_cache_with_a_gguf_teacher_matches_the_cache_of_its_source(gguf_dir, lla
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "gguf")
     assert cli.main(["cache", *cache_args(llama_dir, corpus_jsonl, tmp_path / "hf", **small)]) == 0
     manifest = read_manifest(tmp_path / "gguf")
-    digest = file_sha256(gguf_dir / NAME)
+    digest = tree_sha256(gguf_dir / NAME)
     assert manifest.teacher["gguf_file"] == NAME and manifest.teacher["weights_sha256"] == digest
     assert manifest.fingerprint_identity["teacher"] == {"weights_sha256": digest}
     assert manifest.fingerprint != read_manifest(tmp_path / "hf").fingerprint  # other weight bytes

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.errors import ConfigError
 from storage.errors import DirectoryInUseError
-from storage.locks import DirectoryLock
+from storage.io.locks import DirectoryLock
 
 # A small LR keeps Adam from amplifying float noise, so runs that differ only in summation order stay close.
 QUIET = {"train.lr": 1e-4, "train.eval_every": 2}

@@ -8,8 +8,8 @@ import os
 import fsspec
 import pytest
 
-from storage import remote
 from storage.errors import CacheNotFoundError, ChecksumError, RemoteStorageError
+from storage.remote import fs as remote
 
 
 def test_urls_and_local_paths_are_told_apart():

@@ -15,11 +15,11 @@ from helpers import cache, cache_args, train, train_args
 from safetensors.torch import load_file
 
 from pipeline import cli
-from storage import remote
 from storage.errors import ChecksumError
 from storage.manifest import read_manifest
-from storage.remote_shards import open_cache
-from storage.shard_cache import ShardCache
+from storage.remote import fs as remote
+from storage.remote.copies import LocalCopies
+from storage.remote.store import open_cache
 
 SMALL = {"cache.shard_size": 32}  # 10 shards, so that a resume has something left to do
 
@@ -61,7 +61,7 @@ def test_stage_one_writes_the_cache_to_s3_and_the_shards_equal_a_local_run(remot
     shards = [s.path for s in read_manifest(local_reference).shards]
     assert names == {"manifest.json", "fingerprint.json", "config.yaml", "tokenizer",
                      *shards, *(s + ".done.json" for s in shards)}  # no lock files or temporaries travel
-    manifest = open_cache(remote_cache, tmp_path)
+    manifest = open_cache(remote_cache, tmp_path).manifest
     assert _hashes(manifest) == _hashes(read_manifest(local_reference))
     assert manifest.location == remote_cache
 
@@ -114,7 +114,7 @@ def test_a_killed_upload_resumes_with_only_the_missing_shards(bucket, llama_dir,
     again = [n for n in uploads if n.endswith(".arrow")]
     assert set(again).isdisjoint(before) and len(again) + 2 == len(read_manifest(local_reference).shards)
     assert uploads[-1] == "manifest.json"
-    assert _hashes(open_cache(url, tmp_path / "read")) == _hashes(read_manifest(local_reference))
+    assert _hashes(open_cache(url, tmp_path / "read").manifest) == _hashes(read_manifest(local_reference))
 
 
 def test_a_damaged_remote_shard_is_caught_on_first_read_with_its_url(bucket, local_reference, tmp_path, capsys):
@@ -127,10 +127,10 @@ def test_a_damaged_remote_shard_is_caught_on_first_read_with_its_url(bucket, loc
     s3, key = remote.open_fs(f"{url}/{first}")
     bucket_name, key = key.split("/", 1)
     s3.call_s3("put_object", Bucket=bucket_name, Key=key, Body=fs.cat_file(str(local_reference / first))[::-1])
-    manifest = open_cache(url, tmp_path)
+    opened = open_cache(url, tmp_path)
     with pytest.raises(ChecksumError, match=f"{url}/{first}"):
-        manifest.check_shard(manifest.shards[0])
-    assert ShardCache(tmp_path / "shards").bytes_on_disk() == 0  # the damaged bytes never became a local copy
+        opened.store.checked_path(opened.manifest.shards[0])
+    assert LocalCopies(tmp_path / "shards").bytes_on_disk() == 0  # the damaged bytes never became a local copy
     assert cli.main(["verify", url]) == 1
     assert f"checksum mismatch: {url}/{first}" in capsys.readouterr().err
 
@@ -150,7 +150,7 @@ def test_training_from_s3_equals_training_from_the_local_copy(remote_cache, loca
 def test_the_local_copies_stay_within_local_bytes_over_epochs(remote_cache, local_reference, tmp_path):
     shards = read_manifest(local_reference).shards_for("train")
     budget = int(2.5 * max(s.bytes for s in shards))
-    copies = ShardCache(tmp_path / "copies" / "shards", budget)
+    copies = LocalCopies(tmp_path / "copies" / "shards", budget)
     peak, done = [0], threading.Event()
 
     def watch():
@@ -193,6 +193,6 @@ def test_any_fsspec_url_works_file_urls_included(llama_dir, corpus_jsonl, local_
     result = cache(cache_args(llama_dir, corpus_jsonl, url, **SMALL, **{"cache.local_dir": tmp_path / "work"}))
     assert result.complete and result.directory == url
     assert (tmp_path / "dest" / "cache" / "manifest.json").is_file()
-    manifest = open_cache(url, tmp_path / "read")
-    assert _hashes(manifest) == _hashes(read_manifest(local_reference)) and not manifest.verify()
-    assert manifest.check_shard(manifest.shards[0]).parent == tmp_path / "read" / "shards"
+    opened = open_cache(url, tmp_path / "read")
+    assert _hashes(opened.manifest) == _hashes(read_manifest(local_reference)) and not opened.verify()
+    assert opened.store.checked_path(opened.manifest.shards[0]).parent == tmp_path / "read" / "shards"

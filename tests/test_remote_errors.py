@@ -17,7 +17,7 @@ import pytest
 from helpers import cache_args
 
 from pipeline import cli
-from storage import remote
+from storage.remote import fs as remote
 
 FAULTS = {"SlowDown": (503, b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>")}
 

@@ -14,11 +14,11 @@ from helpers import cache, cache_args, train, train_args, train_interrupted_at
 from safetensors.torch import load_file
 
 from pipeline import cli
-from pipeline.hf import weights_sha256
-from storage import remote
-from storage.atomic import remove_path
-from storage.mirror import local_folder
-from storage.remote_shards import open_cache
+from pipeline.models.hf import weights_sha256
+from storage.io.atomic import remove_path
+from storage.remote import fs as remote
+from storage.remote.mirror import local_folder
+from storage.remote.store import open_cache
 
 SECRETS = ("testing-key-id", "testing-secret")
 """The credentials of the ``s3_endpoint`` fixture."""
@@ -172,9 +172,9 @@ def test_a_run_on_s3_teaches_round_two_with_round_ones_upload(bucket, tmp_path, 
     caches = [open_cache(state[r]["cache"]["dir"], tmp_path / "read") for r in ("1", "2")]
     assert all(c.location.startswith(f"{bucket}/caches/") for c in caches)
     student = weights_sha256(local_folder(f"{run}/round-1/train/final", tmp_path / "read"))
-    assert caches[0].teacher["weights_sha256"] == weights_sha256(llama_dir)
-    assert caches[1].teacher["weights_sha256"] == student != weights_sha256(llama_dir)
-    assert caches[1].teacher["name"] == f"{run}/round-1/train/final"
+    assert caches[0].manifest.teacher["weights_sha256"] == weights_sha256(llama_dir)
+    assert caches[1].manifest.teacher["weights_sha256"] == student != weights_sha256(llama_dir)
+    assert caches[1].manifest.teacher["name"] == f"{run}/round-1/train/final"
     assert "| 2 | round 1 student |" in remote.read_bytes(f"{run}/report.md").decode()
     assert cli.main(["status", run]) == 0
     printed = output(capfd, caplog)

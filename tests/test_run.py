@@ -74,7 +74,7 @@ def held_out_kl(student_dir: Path, teacher_dir: Path, cache_dir: Path) -> float:
     from transformers import AutoModelForCausalLM
 
     from storage.manifest import read_manifest
-    from storage.reader import sequential_batches
+    from storage.read.reader import sequential_batches
 
     student = AutoModelForCausalLM.from_pretrained(str(student_dir)).eval()
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir)).eval()
@@ -123,7 +123,7 @@ def test_chat_round_trains_on_assistant_tokens(first_run):
     cache_dir = Path(json.loads((root / "run" / "round-2" / "cache.json").read_text())["dir"])
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     assert manifest["dataset"]["format"] == "chat"
-    from storage.reader import sequential_batches
+    from storage.read.reader import sequential_batches
 
     batch = next(sequential_batches(cache_dir, "train", 4))
     assert 0.2 < batch["loss_mask"].float().mean() < 0.9
@@ -202,7 +202,7 @@ def test_stage_one_stops_on_a_real_signal_and_resumes(tmp_path, llama_dir, corpu
     script = (
         "import os, signal, sys\n"
         "from pipeline import cli\n"
-        "from storage.writer import CacheDirectory\n"
+        "from storage.write.cache import CacheDirectory\n"
         "original = CacheDirectory.write_shard\n"
         "def write(self, plan, *args):\n"
         "    original(self, plan, *args)\n"

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pytest
 from helpers import make_targets
 
-from storage.layout import Layout
-from storage.weights import dequantize_logprobs, quantize_logprobs
+from storage.codec.layout import Layout
+from storage.codec.logprobs import dequantize_logprobs, quantize_logprobs
 
 
 def expected(layout: Layout, targets: dict) -> dict:

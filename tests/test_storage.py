@@ -5,21 +5,21 @@ import numpy as np
 import pytest
 from helpers import make_targets
 
-from storage.atomic import atomic_write
+from storage.backends import BACKENDS, get_backend
+from storage.codec.layout import Layout
 from storage.errors import ShardSchemaError
-from storage.formats import FORMATS, get_format
-from storage.layout import Layout
-from storage.manifest import shard_sha256
-from storage.partition import num_parts, part_index, shards_of_part
+from storage.io.atomic import atomic_write
+from storage.io.hashing import tree_sha256
+from storage.write.parts import num_parts, part_index, shards_of_part
 
 LAYOUTS = [Layout(3, "topk", 300_000, 3, 0), Layout(3, "sample", 65_535, 0, 4, samples=6),
            Layout(3, "hybrid", 512, 2, 3, samples=300, logprob_bits=8), Layout(2, "hybrid", 300_000, 2, 3, samples=6)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: f"v{lay.version}-{lay.mode}-{lay.vocab_size}")
-@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("name", sorted(BACKENDS))
 def test_round_trip_is_exact(tmp_path, name, layout):
-    fmt = get_format(name)
+    fmt = get_backend(name)
     columns = layout.encode(make_targets(layout))
     path = tmp_path / f"s{fmt.suffix}"
     fmt.write(path, columns, level=3)
@@ -31,15 +31,34 @@ def test_round_trip_is_exact(tmp_path, name, layout):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporaries left
 
 
-@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("name", sorted(BACKENDS))
 def test_write_is_deterministic_and_hash_detects_changes(tmp_path, name):
-    fmt, layout = get_format(name), LAYOUTS[0]
-    a, b = tmp_path / f"a{fmt.suffix}", tmp_path / f"b{fmt.suffix}"
-    fmt.write(a, layout.encode(make_targets(layout)), level=3)
-    fmt.write(b, layout.encode(make_targets(layout)), level=3)
-    assert shard_sha256(a) == shard_sha256(b)
-    fmt.write(b, layout.encode(make_targets(layout, seed=1)), level=3)
-    assert shard_sha256(a) != shard_sha256(b)
+    backend, layout = get_backend(name), LAYOUTS[0]
+    a, b = tmp_path / f"a{backend.suffix}", tmp_path / f"b{backend.suffix}"
+    backend.write(a, layout.encode(make_targets(layout)), level=3)
+    backend.write(b, layout.encode(make_targets(layout)), level=3)
+    assert tree_sha256(a) == tree_sha256(b)
+    backend.write(b, layout.encode(make_targets(layout, seed=1)), level=3)
+    assert tree_sha256(a) != tree_sha256(b)
+
+
+def test_a_folder_hashes_alike_on_disk_and_behind_a_url_in_path_order(tmp_path):
+    """One digest for a folder, local or remote: files in path order (``a/x`` before ``a.b``, though ``.`` sorts
+    before ``/`` as text), each as its relative path, NUL and its bytes."""
+    import hashlib
+
+    import fsspec
+
+    folder = tmp_path / "shard"
+    for name, data in {"a/x": b"one", "a.b": b"two", "z": b""}.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    want = hashlib.sha256(b"a/x\0one" b"a.b\0two" b"z\0").hexdigest()
+    assert tree_sha256(folder) == want
+    memory = fsspec.filesystem("memory")
+    memory.put(str(folder), "/copy", recursive=True)
+    assert tree_sha256("/copy", memory) == want
+    assert tree_sha256(folder / "a.b") == hashlib.sha256(b"two").hexdigest()  # a file: its bytes, as sha256sum
 
 
 def test_encoding_rejects_bad_targets_with_every_problem():
@@ -57,7 +76,7 @@ def test_encoding_rejects_bad_targets_with_every_problem():
 
 def test_unknown_format_is_named():
     with pytest.raises(ValueError, match="unknown shard format 'parquet'"):
-        get_format("parquet")
+        get_backend("parquet")
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
@@ -84,26 +103,27 @@ def test_partition_is_disjoint_and_covering(shards, tasks, world):
 
 
 def test_partition_rejects_out_of_range_indices():
-    with pytest.raises(ValueError, match="shard index 2"):
+    with pytest.raises(ValueError, match="task index 2"):
         part_index(2, 2, 0, 1)
     with pytest.raises(ValueError, match="rank 1"):
         part_index(0, 1, 1, 1)
 
 
 def test_threaded_writer_writes_the_same_shards_as_one_thread(tmp_path):
-    from storage.shard_writer import BackgroundShardWriter
-    from storage.writer import CacheDirectory, ShardPlan
+    from storage.write.background import BackgroundShardWriter
+    from storage.write.cache import CacheDirectory
+    from storage.write.folder import ShardPlan
 
     hashes = []
     for threads in (1, 3):
         directory = tmp_path / f"t{threads}"
         directory.mkdir()
-        writer = BackgroundShardWriter(CacheDirectory(directory, "fp"), get_format("arrow"), LAYOUTS[1], 3,
+        writer = BackgroundShardWriter(CacheDirectory(directory, "fp"), get_backend("arrow"), LAYOUTS[1], 3,
                                        depth=threads + 1, threads=threads)
         for index in range(7):
             writer.submit(ShardPlan("train", index, index * 5, 5, ".arrow"), make_targets(LAYOUTS[1], seed=index))
         writer.close()
-        hashes.append({p.name: shard_sha256(p) for p in directory.iterdir()})
+        hashes.append({p.name: tree_sha256(p) for p in directory.iterdir()})
     assert len(hashes[0]) == 14 and hashes[0] == hashes[1]
 
 

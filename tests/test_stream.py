@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 
 from storage.errors import ChecksumError
 from storage.manifest import read_manifest
-from storage.reader import SoftTargetStream, sequential_batches
-from storage.stream import ShardRows, StreamOrder, StreamState, epoch_order, micro_batch_samples
+from storage.read.reader import SoftTargetStream, sequential_batches
+from storage.read.stream import ShardRows, StreamOrder, StreamState, epoch_order, micro_batch_samples
 
 
 @pytest.fixture(scope="module")

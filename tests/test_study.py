@@ -1,7 +1,6 @@
 """`distillery study --quick`: the study runs every arm, pairs them by seed and writes its outputs (never a result)."""
 from __future__ import annotations
 
-import fcntl
 import json
 import shutil
 import threading
@@ -20,7 +19,7 @@ from pipeline.bench.study import (
     run_study,
 )
 from pipeline.bench.study_report import CACHE_COLUMNS, QUALITY_COLUMNS
-from storage.locks import lock_file, unlock
+from storage.io.locks import lock_file, unlock
 
 
 def header(columns: list[str]) -> str:
@@ -103,7 +102,7 @@ def test_a_helper_trains_unclaimed_runs_and_the_owner_waits_for_claimed_ones(qui
     runs = next((quick / "work").glob("*/runs"))
     for name in ("sample50-seed0", "sample100-seed0"):
         shutil.rmtree(runs / name)
-    claim = lock_file(runs / ".sample50-seed0.lock", fcntl.LOCK_EX)  # another process is training sample50 seed 0
+    claim = lock_file(runs / ".sample50-seed0.lock")  # another process is training sample50 seed 0
     try:
         assert help_study([_quick_teacher(quick / "work")], quick / "work", quick=True) == len(planned_runs(QUICK)) - 1
         assert (runs / "sample100-seed0" / "record.json").is_file() and not (runs / "sample50-seed0").exists()

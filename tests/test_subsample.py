@@ -9,9 +9,10 @@ from safetensors.torch import load_file
 
 from pipeline import cli
 from storage.manifest import read_manifest
-from storage.reader import ShardLoader, SoftTargetStream
-from storage.stream import StreamOrder
-from storage.subsample import FreshDraws, subset_counts
+from storage.read.reader import ShardLoader, SoftTargetStream
+from storage.read.stream import StreamOrder
+from storage.read.subsample import FreshDraws, subset_counts
+from storage.remote.store import open_cache
 
 
 def stored_counts(rng, rows=64, width=12, samples=40):
@@ -72,7 +73,7 @@ def test_stream_serves_a_subset_of_the_stored_draws(mode, sample_cache, hybrid_c
     directory = sample_cache if mode == "sample" else hybrid_cache
     manifest = read_manifest(directory)
     head = manifest.top_k if mode == "hybrid" else 0
-    loader = ShardLoader(manifest, "train")
+    loader = ShardLoader(open_cache(directory), "train")
     stored = np.concatenate([loader(i)["topk_ids"] for i in range(len(loader.records))])
     plain, per_epoch = first_batches(directory, None, 1)
     fresh, _ = first_batches(directory, 5, per_epoch + 1)

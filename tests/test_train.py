@@ -17,8 +17,8 @@ from pipeline.errors import ConfigError
 from pipeline.train.config import StudentConfig
 from pipeline.train.student import build_student
 from storage.manifest import read_manifest
-from storage.reader import SoftTargetStream
-from storage.stream import StreamOrder
+from storage.read.reader import SoftTargetStream
+from storage.read.stream import StreamOrder
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from pipeline.bench.stage1 import measure_one
 from pipeline.bench.stage2 import step_ratios
 from pipeline.demo.tokenizer import CORPUS, build_tokenizer
 from pipeline.log import get_logger
-from storage.atomic import atomic_write, write_text
+from storage import atomic_write, write_text
 
 # Vendor datasheet figures for dense bf16 matrix math without sparsity, TFLOP/s.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}

@@ -13,7 +13,7 @@ from pipeline.demo.tokenizer import CORPUS
 from pipeline.train.config import TrainJob
 from pipeline.train.evaluate import score_against_teacher
 from pipeline.train.run import train_from_cache
-from storage.manifest import read_manifest
+from storage import read_manifest
 
 
 def build_cache(teacher: Path, root: Path, seq_len: int, max_tokens: int, extra: list[str], holdout: float = 0.02,

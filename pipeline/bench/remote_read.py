@@ -29,12 +29,16 @@ import numpy as np
 from pipeline.bench.stage2 import CPU, rewritten_cache, train_step_setting
 from pipeline.cache.config import CacheConfig
 from pipeline.train.config import LossConfig
-from storage import remote
-from storage.manifest import MANIFEST_NAME, read_manifest
-from storage.reader import SoftTargetStream
-from storage.remote_shards import open_cache
-from storage.stream import StreamOrder
-from storage.writer import ShardPlan
+from storage import (
+    MANIFEST_NAME,
+    ShardPlan,
+    SoftTargetStream,
+    StreamOrder,
+    open_cache,
+    open_fs,
+    read_manifest,
+    upload_file,
+)
 
 DEFAULT_SHARD_SEQUENCES = CacheConfig.shard_size
 """Sequences per shard of a cache built with the defaults: the shard size whose downloads a real run pays."""
@@ -95,12 +99,13 @@ def scratch_bucket():
     memory of the process, for every server it starts, so a fixed name would clash with the next run's and the
     cache would stay in memory."""
     bucket = f"distillery-bench-{uuid.uuid4().hex[:12]}"
-    fs, _ = remote.open_fs(f"s3://{bucket}")
+    fs, _ = open_fs(f"s3://{bucket}")
     fs.mkdir(bucket)
     try:
         yield f"s3://{bucket}"
     finally:
-        remote.remove(f"s3://{bucket}/cache")
+        if fs.exists(f"{bucket}/cache"):
+            fs.rm(f"{bucket}/cache", recursive=True)
         fs.rmdir(bucket)
 
 
@@ -110,15 +115,15 @@ def resharded_cache(source: Path, target: Path, sequences: int) -> Path:
     The bench caches use small shards, to be quick to build; a download costs per request as well as per byte,
     so the S3 figures are taken on shards of the size a default cache has."""
 
-    def shards(manifest, fmt):
-        for split in manifest.splits:
-            parts = [fmt.read(manifest.shard_path(record)) for record in manifest.shards_for(split)]
+    def shards(opened, backend):
+        for split in opened.manifest.splits:
+            parts = [backend.read(opened.store.path(record)) for record in opened.manifest.shards_for(split)]
             if not parts:
                 continue
             joined = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
             total = len(joined["input_ids"])
             for index, start in enumerate(range(0, total, sequences)):
-                yield ShardPlan(split, index, start, min(sequences, total - start), fmt.suffix), \
+                yield ShardPlan(split, index, start, min(sequences, total - start), backend.suffix), \
                     {name: array[start : start + sequences] for name, array in joined.items()}
 
     identity = {"resharded": read_manifest(source).fingerprint, "sequences": sequences}
@@ -134,7 +139,7 @@ def upload_cache(directory: Path, url: str) -> tuple[float, int]:
     files.sort(key=lambda p: (p.name == MANIFEST_NAME, p.as_posix()))
     start = time.perf_counter()
     for file in files:
-        remote.upload_file(file, f"{url}/{file.relative_to(directory).as_posix()}")
+        upload_file(file, f"{url}/{file.relative_to(directory).as_posix()}")
     return time.perf_counter() - start, sum(p.stat().st_size for p in files)
 
 
@@ -142,27 +147,26 @@ def _pass(location, batch_size: int, local_dir: Path | None = None) -> tuple[flo
     """(seconds, tokens) of one epoch of the training stream, opening the cache included (for a URL that is the
     manifest's download); the stream verifies each shard as training does."""
     start = time.perf_counter()
-    manifest = open_cache(location, local_dir) if local_dir else read_manifest(location)
-    stream = SoftTargetStream(manifest, StreamOrder(batch_size))
+    cache = open_cache(location, local_dir)
+    stream = SoftTargetStream(cache, StreamOrder(batch_size))
     batches = iter(stream)
     tokens = sum(batch["input_ids"].numel() for batch in itertools.islice(batches, stream.steps_per_epoch))
     seconds = time.perf_counter() - start
     batches.close()  # stops the stream's read-ahead thread
-    if manifest.remote:
-        manifest.remote.shards.close()  # and the shard prefetch thread
+    cache.store.close()  # and the shard prefetch thread
     return seconds, tokens
 
 
 def _download(url: str, local_dir: Path) -> tuple[float, int]:
     """(seconds, bytes) to fetch every train shard into an empty local shard cache, one after the other and
     without a reader: the download cost the first pass hides behind, or waits on."""
-    manifest = open_cache(url, local_dir)
-    records = manifest.shards_for("train")
+    cache = open_cache(url, local_dir)
+    records = cache.manifest.shards_for("train")
     start = time.perf_counter()
     for record in records:
-        manifest.remote.fetch(record)
+        cache.store.path(record)
     seconds = time.perf_counter() - start
-    manifest.remote.shards.close()
+    cache.store.close()
     return seconds, sum(r.bytes for r in records)
 
 

@@ -35,10 +35,7 @@ from pipeline.bench.storage import StudentGradients, model_logits, storage_recor
 from pipeline.bench.storage_settings import default_settings
 from pipeline.demo.init_model import build_model
 from pipeline.demo.tokenizer import CORPUS, build_tokenizer
-from storage.atomic import write_text
-from storage.errors import CacheNotFoundError
-from storage.manifest import read_manifest
-from storage.reader import sequential_batches
+from storage import CacheNotFoundError, read_manifest, sequential_batches, write_text
 
 STUDENT = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
            "num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": False}

@@ -23,7 +23,7 @@ from pipeline.cache.config import CacheJob
 from pipeline.cache.plan import make_plan
 from pipeline.config_loading import load_config
 from pipeline.demo.tokenizer import corpus_texts
-from storage.partition import shards_of_part
+from storage import shards_of_part
 
 
 def generated_corpus(path: Path, documents: int, words_per_document: int = 100, seed: int = 0) -> Path:

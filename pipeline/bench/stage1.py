@@ -28,9 +28,10 @@ from pipeline.cache.config import CacheJob
 from pipeline.cache.plan import make_plan
 from pipeline.cache.teacher_pass import batch_targets, load_teacher, write_shards
 from pipeline.config_loading import load_config, to_yaml
-from pipeline.hf import LogitHead, resolve_device
 from pipeline.log import get_logger
-from storage.manifest import read_manifest
+from pipeline.models.device import resolve_device
+from pipeline.models.head import LogitHead
+from storage import read_manifest
 
 log = get_logger("bench")
 

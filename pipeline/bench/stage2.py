@@ -17,15 +17,21 @@ from pathlib import Path
 import torch
 
 from pipeline.bench.stage1 import synchronized_clock
-from pipeline.hf import LogitHead, load_model
+from pipeline.models.head import LogitHead
+from pipeline.models.hf import load_model
 from pipeline.train.config import LossConfig, StudentConfig
 from pipeline.train.step import LossFacts, combine, micro_batch_sums, token_counts
 from pipeline.train.student import build_student
-from storage.formats import get_format
-from storage.manifest import fingerprint, read_manifest
-from storage.reader import SoftTargetStream
-from storage.stream import StreamOrder
-from storage.writer import CacheDirectory, ShardPlan
+from storage import (
+    CacheDirectory,
+    ShardPlan,
+    SoftTargetStream,
+    StreamOrder,
+    fingerprint,
+    get_backend,
+    open_cache,
+    read_manifest,
+)
 
 CPU = torch.device("cpu")
 
@@ -103,18 +109,19 @@ def peak_rss_of_training(overrides: list[str]) -> dict:
 
 
 def rewritten_cache(source: Path, target: Path, identity: dict, note: str, shards) -> Path:
-    """A new cache at ``target`` holding ``shards(manifest, fmt)``: ``(ShardPlan, arrays)`` pairs made from
+    """A new cache at ``target`` holding ``shards(manifest, backend)``: ``(ShardPlan, arrays)`` pairs made from
     ``source``'s shards, written by the storage writer (so it has its own done records and manifest) under a
     fingerprint of its own, with ``source``'s tokenizer."""
     shutil.rmtree(target, ignore_errors=True)
-    manifest = read_manifest(source)
-    fmt = get_format(manifest.format)
+    cache_in = open_cache(source)
+    manifest = cache_in.manifest
+    backend = get_backend(manifest.format)
     cache = CacheDirectory(target, fingerprint(identity))
     target.mkdir(parents=True)
     cache.claim(f"# {note}\n")
     plans = []
-    for plan, arrays in shards(manifest, fmt):
-        cache.write_shard(plan, fmt, arrays, manifest.compression["level"])
+    for plan, arrays in shards(cache_in, backend):
+        cache.write_shard(plan, backend, arrays, manifest.compression["level"])
         plans.append(plan)
     tokenizer = source / manifest.tokenizer_dir
     cache.assemble(plans, manifest, lambda folder: shutil.copytree(tokenizer, folder))
@@ -124,14 +131,14 @@ def rewritten_cache(source: Path, target: Path, identity: dict, note: str, shard
 def replicated_cache(source: Path, target: Path, copies: int) -> Path:
     """A cache whose train split holds every train shard of ``source`` ``copies`` times."""
 
-    def shards(manifest, fmt):
+    def shards(opened, backend):
         index = {"train": 0, "eval": 0}
         for copy in range(copies):
-            for record in manifest.shards:
+            for record in opened.manifest.shards:
                 if record.split != "train" and copy > 0:
                     continue
-                yield ShardPlan(record.split, index[record.split], 0, record.sequences, fmt.suffix), \
-                    fmt.read(manifest.shard_path(record))
+                yield ShardPlan(record.split, index[record.split], 0, record.sequences, backend.suffix), \
+                    backend.read(opened.store.path(record))
                 index[record.split] += 1
 
     identity = {"replica_of": read_manifest(source).fingerprint, "copies": copies}

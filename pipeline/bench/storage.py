@@ -25,13 +25,18 @@ import torch
 
 from pipeline.bench.remote_read import cpu_model
 from pipeline.bench.storage_settings import setting_layout, setting_targets, target_key
-from pipeline.hf import LogitHead, hidden_states
+from pipeline.models.head import LogitHead, hidden_states
 from pipeline.train.losses import dense_forward_kl, kd_loss
-from storage.formats import get_format
-from storage.layout import Layout
-from storage.manifest import Manifest, fingerprint, read_manifest
-from storage.reader import sequential_batches
-from storage.writer import CacheDirectory, ShardPlan
+from storage import (
+    CacheDirectory,
+    Layout,
+    Manifest,
+    ShardPlan,
+    fingerprint,
+    get_backend,
+    read_manifest,
+    sequential_batches,
+)
 
 
 def cached_gradient(student_logits: torch.Tensor, ids, logprobs, tail) -> torch.Tensor:
@@ -47,17 +52,17 @@ def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.degrees(math.acos(max(-1.0, min(1.0, cosine))))
 
 
-def bench_manifest(layout: Layout, fmt, level: int) -> Manifest:
-    """The manifest header of a cache of ``layout`` in backend ``fmt``: what ``Layout.of`` reads back."""
+def bench_manifest(layout: Layout, backend, level: int) -> Manifest:
+    """The manifest header of a cache of ``layout`` in ``backend``: what ``Layout.of`` reads back."""
     v3, sampled = layout.version == 3, layout.mode == "sample"
     return Manifest(format_version=layout.version, vocab_size=layout.vocab_size, mode=layout.mode,
                     top_k=None if sampled else layout.head_width, samples=layout.samples or None,
-                    width=layout.head_width + layout.sample_width, format=fmt.name,
+                    width=layout.head_width + layout.sample_width, format=backend.name,
                     compression={"codec": "zstd", "level": level}, dtypes=layout.columns(),
                     logprob_bits=layout.logprob_bits if v3 and not sampled else None)
 
 
-def _write_cache(directory: Path, fmt, layout: Layout, targets: dict, copies: int, level: int) -> float:
+def _write_cache(directory: Path, backend, layout: Layout, targets: dict, copies: int, level: int) -> float:
     """Write ``copies`` shards of ``targets`` through the storage writer; return the seconds spent on shards.
 
     The timing covers what stage 1's writer thread does per shard: ``layout.encode`` (validation, sorting,
@@ -68,13 +73,13 @@ def _write_cache(directory: Path, fmt, layout: Layout, targets: dict, copies: in
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     cache = CacheDirectory(directory, fingerprint({"storage_benchmark": str(directory)}))
-    plans = [ShardPlan("train", index, 0, len(targets["input_ids"]), fmt.suffix) for index in range(copies)]
+    plans = [ShardPlan("train", index, 0, len(targets["input_ids"]), backend.suffix) for index in range(copies)]
     start = time.perf_counter()
-    records = [cache.encode_shard(plan, fmt, layout.encode(targets), level) for plan in plans]
+    records = [cache.encode_shard(plan, backend, layout.encode(targets), level) for plan in plans]
     seconds = time.perf_counter() - start
     for plan, record in zip(plans, records):
         cache.mark_done(plan, record)
-    cache.assemble(plans, bench_manifest(layout, fmt, level), lambda folder: folder.mkdir())
+    cache.assemble(plans, bench_manifest(layout, backend, level), lambda folder: folder.mkdir())
     return seconds
 
 
@@ -124,7 +129,7 @@ def storage_records(teacher_logits: torch.Tensor, student: StudentGradients, inp
     for _ in range(repeats):  # interleave the settings so machine noise hits them alike
         for i, (s, layout) in enumerate(zip(settings, layouts)):
             directory = scratch / f"setting-{i}"
-            timings[i]["write"].append(_write_cache(directory, get_format(s["format"]), layout,
+            timings[i]["write"].append(_write_cache(directory, get_backend(s["format"]), layout,
                                                     targets[target_key(s)], copies, s["level"]))
             timings[i]["read"].append(_read_seconds(directory))
     full = full_gradients(student, teacher_logits)

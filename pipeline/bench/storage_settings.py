@@ -15,17 +15,17 @@ import torch
 from pipeline.cache.config import CacheConfig
 from pipeline.cache.reduce import hybrid_draws, sample_draws, sequence_uniforms, slot_width, topk_targets
 from pipeline.cache.teacher_pass import HEAD_FIELDS, SAMPLE_FIELDS, TARGET_DTYPES
-from storage.layout import Layout
+from storage import Layout
 
 DEFAULT_LEVEL = {f.name: f.default for f in dataclasses.fields(CacheConfig)}["compression_level"]
 LEVELS = (1, 3, 19)
 """The zstd levels tried, besides ``cache.compression_level``'s default, on top-64 and sample-50 Arrow caches."""
 
 
-def setting(fmt: str, mode: str, k: int, version: int, bits: int | None, level: int = DEFAULT_LEVEL,
+def setting(backend: str, mode: str, k: int, version: int, bits: int | None, level: int = DEFAULT_LEVEL,
             samples: int | None = None) -> dict:
     draws = 0 if mode == "topk" else (k if mode == "sample" else samples)
-    return {"format": fmt, "format_version": version, "mode": mode, "k": k, "samples": draws,
+    return {"format": backend, "format_version": version, "mode": mode, "k": k, "samples": draws,
             "logprob_bits": None if mode == "sample" else bits, "level": level}
 
 
@@ -62,7 +62,7 @@ def target_key(s: dict) -> tuple:
 
 
 def setting_targets(teacher_logits: torch.Tensor, s: dict, layout: Layout, input_ids: np.ndarray) -> dict:
-    """The targets (``storage.schema``) stage 1 would store for (B, T) ``input_ids`` whose (B * T, V) teacher
+    """The targets (``storage.codec.targets``) stage 1 would store for (B, T) ``input_ids`` whose (B * T, V) teacher
     logits are given, at temperature 1 and seed 0 (``pipeline.cache.teacher_pass.batch_targets``)."""
     n, seq_len = input_ids.shape
     if s["mode"] == "topk":

@@ -30,10 +30,7 @@ from pipeline.bench.study_runs import run_all
 from pipeline.demo.tokenizer import CORPUS
 from pipeline.log import get_logger
 from pipeline.train.evaluate import TeacherReference
-from storage.atomic import write_text
-from storage.errors import CacheNotFoundError
-from storage.inspect import summarize
-from storage.manifest import MANIFEST_NAME, read_manifest
+from storage import MANIFEST_NAME, CacheNotFoundError, open_cache, summarize, write_text
 
 CACHE_SECONDS = "cache-seconds.json"
 """Per cache fingerprint, the seconds its build took: a later call that finds the cache still reports them."""
@@ -143,7 +140,7 @@ def cache_facts(caches: dict[str, Path], seconds: dict[str, float | None]) -> li
     targets hold per position (distinct ids, top-1 probability, entropy), read from every shard."""
     rows = []
     for name, directory in caches.items():
-        stats = summarize(read_manifest(directory))
+        stats = summarize(open_cache(directory))
         rows.append({"cache": name, "tokens": stats["tokens"], "seconds": seconds[name],
                      "tok_per_s": stats["tokens"] / seconds[name] if seconds[name] else None,
                      **{k: stats[k] for k in ("bytes_per_token", "mean_unique_ids", "mean_top1_prob",

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.bench.quality import summarize_quality
 from pipeline.bench.run import markdown_table
-from storage.atomic import write_text
+from storage import write_text
 
 MAIN_REFERENCE, EPOCH_REFERENCE = "online_full_kd", "epochs_online_full_kd"
 TARGET = 1.03  # issue 14: sampled-cache KD within 3 % of online KD's held-out KL at equal steps

@@ -6,7 +6,6 @@ another teacher's runs (``--help-with``) while that teacher's own process waits 
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import shutil
 import time
@@ -16,8 +15,7 @@ from pipeline.bench.quality import arm_overrides, bytes_per_token, train_student
 from pipeline.log import get_logger
 from pipeline.train.checkpoint import CHECKPOINTS, checkpoint_dirs, load_model_weights, read_state
 from pipeline.train.evaluate import TeacherReference
-from storage.atomic import write_text
-from storage.locks import lock_file, unlock
+from storage import lock_file, unlock, write_text
 
 log = get_logger("study")
 
@@ -56,7 +54,7 @@ def run_arm(name: str, cache_dir: Path, extra: list[str], seed: int, context: di
     """
     out_dir = context["work"] / "runs" / f"{name}-seed{seed}"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    claim = lock_file(out_dir.parent / f".{out_dir.name}.lock", fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    claim = lock_file(out_dir.parent / f".{out_dir.name}.lock", wait=wait)
     if claim is None:
         return None
     try:

@@ -6,9 +6,8 @@ from typing import Literal
 
 from pipeline.config_loading import device_problem, need, raise_problems
 from pipeline.data.config import DataConfig
-from pipeline.gguf import same_folder, split_gguf_path
-from storage.layout import FORMAT_VERSIONS, MAX_SAMPLES
-from storage.mirror import DEFAULT_LOCAL_BYTES
+from pipeline.models.gguf import same_folder, split_gguf_path
+from storage import DEFAULT_LOCAL_BYTES, FORMAT_VERSIONS, MAX_SAMPLES
 
 
 @dataclass

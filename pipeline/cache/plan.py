@@ -11,20 +11,20 @@ from pipeline.config_loading import to_dict
 from pipeline.data.pack import PackedSplit, data_identity
 from pipeline.data.store import TokenStore, token_store
 from pipeline.errors import ConfigError, DataError, TeacherError
-from pipeline.hf import (
-    compute_dtype,
-    load_config_and_tokenizer,
-    max_positions,
-    resolve_device,
-    teacher_identity,
-    tokenizer_sha256,
+from pipeline.models.device import compute_dtype, resolve_device
+from pipeline.models.hf import load_config_and_tokenizer, max_positions, teacher_identity, tokenizer_sha256
+from storage import (
+    CacheDirectory,
+    Layout,
+    Manifest,
+    Mirror,
+    ShardPlan,
+    ensure_writable,
+    fingerprint,
+    get_backend,
+    join,
+    plan_shards,
 )
-from storage.atomic import ensure_writable
-from storage.formats import get_format
-from storage.layout import Layout
-from storage.manifest import Manifest, fingerprint
-from storage.mirror import Mirror, join
-from storage.writer import CacheDirectory, ShardPlan, plan_shards, refuse_foreign
 
 
 @dataclass
@@ -117,7 +117,7 @@ def _header(job: CacheJob, hf_config, tokenizer, layout: Layout, teacher: dict, 
         seed=c.seed,
         width=layout.head_width + layout.sample_width,
         temperature=c.temperature,
-        format=get_format(c.format).name,
+        format=get_backend(c.format).name,
         compression={"codec": "zstd", "level": c.compression_level},
         dtypes=layout.columns(),
         id_storage=(f"{layout.id_dtype} for every shard; per-slot columns sorted by id, delta coded, in byte planes"
@@ -139,7 +139,7 @@ def prepare_tokens(job: CacheJob) -> tuple[object, object, int, TokenStore]:
     """Load the teacher's config and tokenizer, check them, and open (or build) the token store of ``job.data``."""
     ensure_writable(_store_root(job), "cache.dir" if job.cache.dir else "cache.root")
     if job.cache.dir:
-        refuse_foreign(Mirror(job.cache.dir, job.cache.local_dir))  # before the token store goes into someone else's folder
+        CacheDirectory.refuse_foreign(Mirror(job.cache.dir, job.cache.local_dir))  # before the token store goes into someone else's folder
     t = job.teacher
     hf_config, tokenizer = load_config_and_tokenizer(t.model, t.revision, t.trust_remote_code,
                                                      local_dir=job.cache.local_dir, gguf_file=t.gguf_file)
@@ -167,5 +167,5 @@ def make_plan(job: CacheJob) -> CachePlan:
     header = _header(job, hf_config, tokenizer, layout, teacher, data, identity)
     directory = join(job.cache.dir) if job.cache.dir else join(job.cache.root, header.fingerprint)
     sequences = {name: len(s.input_ids) for name, s in store.splits.items()}
-    shards = plan_shards(sequences, job.cache.shard_size, get_format(job.cache.format).suffix)
+    shards = plan_shards(sequences, job.cache.shard_size, get_backend(job.cache.format).suffix)
     return CachePlan(job, tokenizer, store.splits, vocab_size, width, header, layout, teacher_dtype, directory, shards)

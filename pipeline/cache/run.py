@@ -15,11 +15,9 @@ from pipeline.cache.plan import make_plan
 from pipeline.cache.teacher_pass import load_teacher, write_shards
 from pipeline.config_loading import to_yaml
 from pipeline.dist import world
-from pipeline.hf import resolve_device
 from pipeline.log import get_logger
-from storage.atomic import ensure_writable
-from storage.errors import CacheNotFoundError
-from storage.partition import num_parts, part_index, shards_of_part
+from pipeline.models.device import resolve_device
+from storage import CacheNotFoundError, ensure_writable, num_parts, part_index, shards_of_part
 
 log = get_logger("cache")
 

@@ -15,11 +15,11 @@ from pipeline.cache.config import TeacherConfig
 from pipeline.cache.plan import CachePlan
 from pipeline.cache.reduce import hybrid_draws, sample_draws, sequence_uniforms, topk_targets
 from pipeline.errors import TeacherError
-from pipeline.hf import LogitHead, check_logit_head, dtype_choice, hidden_states, input_device, load_model
 from pipeline.log import get_logger, progress_bars
-from storage.formats import get_format
-from storage.shard_writer import BackgroundShardWriter
-from storage.writer import ShardPlan
+from pipeline.models.device import dtype_choice
+from pipeline.models.head import LogitHead, check_logit_head, hidden_states
+from pipeline.models.hf import input_device, load_model
+from storage import BackgroundShardWriter, ShardPlan, get_backend
 
 SPLIT_IDS = {"train": 0, "eval": 1}
 HEAD_FIELDS = ("head_ids", "head_logprobs", "tail_logprob")
@@ -30,7 +30,7 @@ TARGET_DTYPES = {"head_ids": torch.int32, "head_logprobs": torch.float32, "tail_
 
 
 def _chunk_targets(plan: CachePlan, logits: torch.Tensor, uniforms: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The targets (``storage.schema``) of one chunk of (n, V) logits."""
+    """The targets (``storage.codec.targets``) of one chunk of (n, V) logits."""
     c, layout = plan.job.cache, plan.layout
     if c.mode == "topk":
         return dict(zip(HEAD_FIELDS, topk_targets(logits, c.top_k, c.temperature)))
@@ -42,7 +42,7 @@ def _chunk_targets(plan: CachePlan, logits: torch.Tensor, uniforms: torch.Tensor
 
 def batch_targets(model, head: LogitHead, plan: CachePlan, split: str, first: int,
                   input_ids: torch.Tensor) -> dict[str, np.ndarray]:
-    """Soft targets of (B, T) int64 ids, on the host: the mode's ``storage.schema`` target fields (head_ids
+    """Soft targets of (B, T) int64 ids, on the host: the mode's ``storage.codec.targets`` target fields (head_ids
     (B, T, K) int32, head_logprobs float32, tail_logprob (B, T) float32; sample_ids (B, T, S) int32,
     sample_counts int32)."""
     c, layout = plan.job.cache, plan.layout
@@ -120,7 +120,7 @@ def load_teacher(plan: CachePlan, device: torch.device):
 
 def _shard_arrays(model, head: LogitHead, plan: CachePlan, shard: ShardPlan, progress,
                   times: PassTimes) -> dict[str, np.ndarray]:
-    """The targets (``storage.schema``) of one shard, computed batch by batch; stops at a preemption request."""
+    """The targets (``storage.codec.targets``) of one shard, computed batch by batch; stops at a preemption request."""
     split = plan.splits[shard.split]
     device = input_device(model)
     rows = slice(shard.start, shard.start + shard.count)
@@ -147,7 +147,7 @@ def write_shards(plan: CachePlan, todo: list[ShardPlan], device: torch.device, p
     head = LogitHead.of(model)
     # One thread cannot keep up with a GPU teacher; on a CPU teacher a second would take a core from it.
     threads = 1 if device.type == "cpu" else min(4, os.cpu_count() or 1)
-    shard_writer = BackgroundShardWriter(plan.cache, get_format(c.format), plan.layout, c.compression_level,
+    shard_writer = BackgroundShardWriter(plan.cache, get_backend(c.format), plan.layout, c.compression_level,
                                          depth=threads + 1, threads=threads)
     total = sum(s.count for s in todo) * plan.job.data.seq_len
     progress = tqdm(total=total, unit="tok", unit_scale=True, desc=f"teacher pass (part {part})", file=sys.stderr,

@@ -7,8 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import DataError
-from pipeline.hf import looks_local
 from pipeline.log import progress_bars
+from pipeline.models.hf import looks_local
 
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")

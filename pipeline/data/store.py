@@ -4,7 +4,7 @@
 (and ``eval.arrow``), written row by row as documents are packed, and
 ``index.json``, written last and atomically: row counts, documents read,
 per-file sha256, the largest id and the content hash, sealed by
-``index_sha256`` (``storage.manifest.with_seal``). The fingerprint hashes
+``index_sha256`` (``storage.io.seals``). The fingerprint hashes
 the data config, the tokenizer and the size and mtime of local data files, so
 it is known before anything is tokenized. A folder without a valid index (or
 one whose seal fails), or whose files fail their sizes or sha256, is rebuilt. Parts that find no valid
@@ -24,10 +24,16 @@ from pipeline.data.load import local_files
 from pipeline.data.pack import PackedSplit, content_sha256, pack_documents
 from pipeline.data.sources import split_names
 from pipeline.log import get_logger
-from storage.atomic import atomic_write, remove_path, write_json
-from storage.locks import DirectoryLock
-from storage.manifest import file_sha256, read_sealed, with_seal
-from storage.writer import TOKENS_DIR
+from storage import (
+    TOKENS_DIR,
+    DirectoryLock,
+    atomic_write,
+    read_sealed,
+    remove_path,
+    tree_sha256,
+    with_seal,
+    write_json,
+)
 
 STORE_VERSION = 1
 INDEX_NAME = "index.json"
@@ -79,7 +85,7 @@ def _open(folder: Path, fingerprint: str, seq_len: int) -> TokenStore:
     splits = {}
     for name, entry in index["splits"].items():
         path = folder / entry["file"]
-        if not path.is_file() or path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or tree_sha256(path) != entry["sha256"]:
             raise CorruptRowsError(f"{path} is missing, truncated or does not match its sha256 in {INDEX_NAME}")
         ids, mask = read_rows(path, seq_len)
         if len(ids) != entry["rows"]:
@@ -103,7 +109,7 @@ def _build(folder: Path, fingerprint: str, cfg: DataConfig, tokenizer) -> None:
                 writer.close()
     splits = {name: {"file": f"{name}.arrow", "rows": packer.rows, "documents": packer.documents,
                      "bytes": (folder / f"{name}.arrow").stat().st_size,
-                     "sha256": file_sha256(folder / f"{name}.arrow")} for name, packer in packers.items()}
+                     "sha256": tree_sha256(folder / f"{name}.arrow")} for name, packer in packers.items()}
     index = {"version": STORE_VERSION, "fingerprint": fingerprint, "seq_len": cfg.seq_len,
              "sha256": content_sha256(packers), "max_id": max(p.max_id for p in packers.values()), "splits": splits}
     write_json(folder / INDEX_NAME, with_seal(index, INDEX_SEAL))

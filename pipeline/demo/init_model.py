@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from storage.atomic import atomic_write
+from storage import atomic_write
 
 
 def build_model(tokenizer_dir: str | Path, out_dir: str | Path, arch: str = "llama", hidden: int = 64,

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from storage.atomic import atomic_write
+from storage import atomic_write
 
 CORPUS = Path(__file__).parent / "assets" / "kjv.jsonl.gz"
 QA_CORPUS = Path(__file__).parent / "assets" / "kjv_qa.jsonl.gz"  # the same verses as prompt/response and chat

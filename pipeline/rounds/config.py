@@ -18,9 +18,9 @@ from pipeline.cache.config import CacheConfig, CacheJob, TeacherConfig
 from pipeline.config_loading import build_config, merge, need, raise_problems
 from pipeline.data.config import DataConfig
 from pipeline.errors import ConfigError
-from pipeline.gguf import same_folder, split_gguf_path
+from pipeline.models.gguf import same_folder, split_gguf_path
 from pipeline.train.config import TrainJob
-from storage.mirror import Mirror, join
+from storage import Mirror, join
 
 ROUND_KEYS = {"teacher", "data", "cache", "student", "train", "loss"}
 

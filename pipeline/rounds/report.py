@@ -10,22 +10,18 @@ from pathlib import Path
 
 from pipeline.config_loading import load_config
 from pipeline.errors import ConfigError
-from pipeline.hf import local_model
+from pipeline.models.hf import local_model
 from pipeline.rounds.config import RunJob, previous_final, round_name, train_dir
 from pipeline.rounds.state import STATE_NAME, read_state
 from pipeline.train.evaluate import score_against_teacher
 from pipeline.train.metrics import METRICS_NAME
-from storage.atomic import atomic_write, write_text
-from storage.mirror import Mirror
-from storage.remote_shards import open_cache
-from storage.writer import IDENTITY_NAME
+from storage import CONFIG_NAME, IDENTITY_NAME, Mirror, atomic_write, open_cache, write_text
 
 # Every column has one format, whatever the magnitude of its values.
 COLUMN_FORMATS = {"round": "{}", "teacher": "{}", "student params": "{:,}", "cache tokens": "{:,}",
                   "bytes/token": "{:.1f}", "cache": "{}", "KL to teacher": "{:.3f}", "KL to original": "{:.3f}",
                   "ppl": "{:.1f}", "top-1": "{:.3f}", "cache s": "{:.0f}", "train s": "{:.0f}"}
 COLUMNS = list(COLUMN_FORMATS)
-CONFIG_NAME = "config.yaml"
 
 
 def _parameters(final: Path) -> int:
@@ -37,7 +33,7 @@ def _parameters(final: Path) -> int:
 def round_row(job: RunJob, index: int, record: dict, local_dir: str | None = None) -> dict:
     """Figures of one complete round (models at URLs are scored from local copies under ``local_dir``)."""
     cache, train = record["cache"], record["train"]
-    manifest = open_cache(cache["dir"], local_dir, job.cache.local_bytes)
+    manifest = open_cache(cache["dir"], local_dir, job.cache.local_bytes).manifest
     tokens = manifest.tokens
     final = Path(local_model(train["final"], local_dir, f"round {index}'s student"))
     own = score_against_teacher(final, Path(local_model(cache["teacher"], local_dir)), cache["dir"],

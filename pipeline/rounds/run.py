@@ -36,9 +36,7 @@ from pipeline.rounds.config import (
 from pipeline.rounds.state import STATE_NAME, stage_lock, stage_record, update_stage
 from pipeline.train.recipe import final_exists
 from pipeline.train.run import train_from_cache
-from storage.atomic import write_text
-from storage.errors import CacheNotFoundError
-from storage.mirror import Mirror, join
+from storage import CONFIG_NAME, CacheNotFoundError, Mirror, join, write_text
 
 STAGES = ("cache", "train")
 log = get_logger("run")
@@ -91,8 +89,8 @@ def run_pipeline(job: RunJob, round_index: int | None = None, stage: str | None 
     run.pull(STATE_NAME)  # what other jobs recorded
     rank = world().rank
     if rank == 0:
-        write_text(run.local / "config.yaml", to_yaml(job))
-        run.push("config.yaml")
+        write_text(run.local / CONFIG_NAME, to_yaml(job))
+        run.push(CONFIG_NAME)
     rounds = [round_index] if round_index else range(1, job.round_count() + 1)
     for index in rounds:
         if stage == "prepare":  # not a stage of state.json: the cache stage reuses (or rebuilds) the store itself

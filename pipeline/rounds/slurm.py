@@ -6,7 +6,7 @@ import string
 from pathlib import Path
 
 from pipeline.preempt import PREEMPTED_EXIT
-from storage.atomic import write_text
+from storage import write_text
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 NAMES = ("prepare.sbatch", "cache_array.sbatch", "train.sbatch", "submit.sh")

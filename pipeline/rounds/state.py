@@ -13,7 +13,6 @@ whose record was lost is redone by a rerun: a cache hit, or a training resume).
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -22,8 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import ConfigError
-from storage.atomic import write_text
-from storage.mirror import Mirror
+from storage import Mirror, held, write_text
 
 STATE_NAME = "state.json"
 
@@ -47,19 +45,9 @@ def read_state(run: Mirror) -> dict:
     return state
 
 
-@contextmanager
-def _state_mutex(run_dir: Path):
-    with open(run_dir / ".state.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def update_stage(run: Mirror, round_index: int, stage: str, **fields) -> dict:
     """Merge ``fields`` into the record of one stage and rewrite ``state.json`` atomically (and upload it)."""
-    with _state_mutex(run.local):
+    with held(run.local / ".state.lock"):
         run.pull(STATE_NAME)
         state = read_state(run)
         record = state["rounds"].setdefault(str(round_index), {}).setdefault(stage, {})

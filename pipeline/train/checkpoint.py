@@ -28,9 +28,7 @@ import torch
 
 from pipeline.dist import World, barrier, broadcast_text
 from pipeline.errors import CheckpointError
-from storage.atomic import atomic_write, remove_path
-from storage.manifest import file_sha256, read_sealed, with_seal
-from storage.mirror import Mirror
+from storage import Mirror, atomic_write, read_sealed, remove_path, tree_sha256, with_seal
 
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -113,7 +111,7 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, state: dict, keep: 
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             torch.save(rng, tmp / RNG_NAME)
-            files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+            files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": tree_sha256(p)}
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / STATE_NAME).write_text(json.dumps(with_seal({**state, "files": files}, STATE_SEAL), indent=2))
     barrier(here)  # no rank runs ahead before the checkpoint has its final name
@@ -157,7 +155,7 @@ def _check_files(path: Path, state: dict) -> None:
         if file.stat().st_size != expected["bytes"]:
             raise CheckpointError(f"{file} is {file.stat().st_size} bytes, but {path / STATE_NAME} records "
                                   f"{expected['bytes']}: it is truncated or damaged")
-        if file_sha256(file) != expected["sha256"]:
+        if tree_sha256(file) != expected["sha256"]:
             raise CheckpointError(f"{file} does not match its sha256 in {path / STATE_NAME}: it is damaged")
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 from pipeline.config_loading import build_config, device_problem, merge, need, raise_problems
 from pipeline.data.config import DataConfig
 from pipeline.errors import ConfigError
-from storage.mirror import DEFAULT_LOCAL_BYTES
+from storage import DEFAULT_LOCAL_BYTES
 
 
 @dataclass

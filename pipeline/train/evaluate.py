@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 from pipeline.dist import World, all_reduce_sum
-from pipeline.hf import LogitHead, hidden_states
+from pipeline.models.head import LogitHead, hidden_states
 from pipeline.train.losses import cross_entropy, dense_forward_kl, kd_loss
 from pipeline.train.step import LossFacts, labels_and_masks
-from storage.reader import sequential_batches
-from storage.remote_shards import open_cache
+from storage import Cache, open_cache, sequential_batches
 
 ECE_BINS = 15
 
@@ -132,10 +131,10 @@ def evaluate(engine, head: LogitHead, batches: Iterator[dict[str, torch.Tensor]]
     return metrics.result()
 
 
-def _teacher_pass(teacher, manifest, batch_size: int, max_batches: int | None) -> Iterator[tuple[dict, torch.Tensor]]:
-    """Each held-out batch of ``manifest`` with the teacher's (N, real vocab) logits at its positions."""
-    real_vocab, head = manifest.tokenizer_length, LogitHead.of(teacher)
-    for batch in itertools.islice(sequential_batches(manifest, "eval", batch_size), max_batches):
+def _teacher_pass(teacher, cache: Cache, batch_size: int, max_batches: int | None) -> Iterator[tuple[dict, torch.Tensor]]:
+    """Each held-out batch of ``cache`` with the teacher's (N, real vocab) logits at its positions."""
+    real_vocab, head = cache.manifest.tokenizer_length, LogitHead.of(teacher)
+    for batch in itertools.islice(sequential_batches(cache, "eval", batch_size), max_batches):
         flat = hidden_states(teacher, batch["input_ids"]).reshape(batch["input_ids"].numel(), -1)
         yield batch, head(flat)[:, :real_vocab]
 
@@ -165,9 +164,9 @@ def score_against_teacher(student_dir: Path, teacher_dir: Path, cache_dir: str |
     Every student, whatever it was trained on, is measured the same way:
     ``kl`` over the whole vocabulary, ``top1`` against the teacher's argmax.
     """
-    manifest = open_cache(cache_dir, local_dir)
-    pairs = _teacher_pass(_load(teacher_dir), manifest, batch_size, max_batches)
-    return _score(_load(student_dir), pairs, manifest.tokenizer_length)
+    cache = open_cache(cache_dir, local_dir)
+    pairs = _teacher_pass(_load(teacher_dir), cache, batch_size, max_batches)
+    return _score(_load(student_dir), pairs, cache.manifest.tokenizer_length)
 
 
 class TeacherReference:
@@ -176,9 +175,9 @@ class TeacherReference:
 
     @torch.no_grad()
     def __init__(self, teacher_dir: Path, cache_dir: str | Path, batch_size: int = 8, max_batches: int | None = None):
-        manifest = open_cache(cache_dir)
-        self.real_vocab = manifest.tokenizer_length
-        self.pairs = list(_teacher_pass(_load(teacher_dir), manifest, batch_size, max_batches))
+        cache = open_cache(cache_dir)
+        self.real_vocab = cache.manifest.tokenizer_length
+        self.pairs = list(_teacher_pass(_load(teacher_dir), cache, batch_size, max_batches))
 
     @property
     def tokens(self) -> int:

@@ -14,6 +14,8 @@ stored ids come from one logsumexp and a gather; its tail is
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -103,14 +105,68 @@ def jsd(p: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
     return beta * _safe_kl_terms(p, m).sum(-1) + (1.0 - beta) * _safe_kl_terms(q, m).sum(-1)
 
 
-def _ground_truth_pair(s_lp, s_tail, t_lp, t_tail, ids, labels, student_logits_lp_at_label):
+class SparsePair(NamedTuple):
+    """The student's and the teacher's log-probs at the stored ids, with what the tail treatments need."""
+
+    s_lp: torch.Tensor
+    """(N, W) the student's log-probs at the stored ids (at the loss temperature)."""
+    s_tail: torch.Tensor
+    """(N,) log of the student's mass outside the stored ids."""
+    t_lp: torch.Tensor
+    """(N, W) the teacher's log-probs at the stored ids."""
+    t_tail: torch.Tensor
+    """(N,) log of the teacher's mass outside them."""
+    ids: torch.Tensor
+    labels: torch.Tensor
+    at_label: Callable[[], torch.Tensor]
+    """(N,) the student's log-prob of the true next token, computed only by the tail treatment that needs it."""
+
+
+def _bucket(pair: SparsePair, on_support: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One extra bucket on each side holds the mass outside the stored ids. Where the teacher's tail is empty, a
+    divergence ``on_support`` compares the student renormalised over the stored ids instead."""
+    p, q = with_bucket(pair.t_lp, pair.t_tail), with_bucket(pair.s_lp, pair.s_tail)
+    if on_support:
+        empty = torch.isneginf(pair.t_tail)[:, None]
+        q = torch.where(empty, with_bucket(renormalized(pair.s_lp), torch.full_like(pair.s_tail, NEG_INF)), q)
+    return p, q
+
+
+def _ground_truth(pair: SparsePair, on_support: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Move the teacher's tail mass onto the true next token (a new entry, or merged with a stored one)."""
+    t_lp, t_tail, ids, labels = pair.t_lp, pair.t_tail, pair.ids, pair.labels
     has_label = labels >= 0
     match = (ids == labels[:, None]) & has_label[:, None]
     merged = torch.where(match, torch.logaddexp(t_lp, t_tail[:, None]), t_lp)
     extra_t = torch.where(match.any(-1), torch.full_like(t_tail, NEG_INF), t_tail)
-    extra_s = torch.where(has_label & ~match.any(-1), student_logits_lp_at_label, s_tail)
-    return torch.cat([merged, extra_t[:, None]], -1), torch.cat([s_lp, extra_s[:, None]], -1)
+    extra_s = torch.where(has_label & ~match.any(-1), pair.at_label(), pair.s_tail)
+    return torch.cat([merged, extra_t[:, None]], -1), torch.cat([pair.s_lp, extra_s[:, None]], -1)
+
+
+def _renormalize(pair: SparsePair, on_support: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the tails: both sides renormalised over the stored ids."""
+    return renormalized(pair.t_lp), renormalized(pair.s_lp)
+
+
+TAILS: dict[str, Callable[[SparsePair, bool], tuple[torch.Tensor, torch.Tensor]]] = {
+    "bucket": _bucket, "ground_truth": _ground_truth, "renormalize": _renormalize}
+"""``loss.tail``: how the mass outside the stored ids enters the loss; each gives the (N, E) pair (p, q)."""
+
+
+class Divergence(NamedTuple):
+    between: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    """(p, q, beta) -> (N,): the divergence of two (N, E) log-prob tensors, teacher p and student q."""
+    on_support: bool
+    """Where the teacher's tail is empty, compare the student renormalised over the stored ids (the teacher
+    puts no mass outside them, and a divergence weighted by the student would charge the student's tail)."""
+
+
+DIVERGENCES: dict[str, Divergence] = {
+    "forward_kl": Divergence(lambda p, q, beta: forward_kl(p, q), on_support=False),
+    "reverse_kl": Divergence(lambda p, q, beta: reverse_kl(p, q), on_support=True),
+    "jsd": Divergence(jsd, on_support=True),
+}
+"""``loss.kind``: the divergences a KD loss can take; adding one is adding an entry."""
 
 
 def kd_loss(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
@@ -119,36 +175,23 @@ def kd_loss(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logprobs: t
             real_vocab: int | None = None) -> torch.Tensor:
     """Per-position (N,) KD loss at ``temperature``, already scaled by temperature squared (Hinton).
 
-    kind: forward_kl | reverse_kl | jsd. tail: bucket | ground_truth | renormalize.
-    Where the teacher's tail is empty (sample-mode caches, or k = V), the
-    bucket carries no mass; reverse KL and JSD then compare the student
-    renormalised over the stored support, since the teacher puts no mass outside it.
+    ``kind`` names a ``DIVERGENCES`` entry and ``tail`` a ``TAILS`` entry.
     """
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown KD loss kind {kind!r}; choose {', '.join(DIVERGENCES)}")
+    if tail not in TAILS:
+        raise ValueError(f"unknown loss.tail {tail!r}; choose {', '.join(TAILS)}")
     real_vocab = real_vocab or student_logits.shape[-1]
     s_lp, s_tail, lse = student_sparse(student_logits, ids, real_vocab, temperature)
     t_lp, t_tail = teacher_sparse(ids, teacher_logprobs, teacher_tail, real_vocab, cache_temperature, temperature)
-    if tail == "renormalize":
-        p, q = renormalized(t_lp), renormalized(s_lp)
-    elif tail == "ground_truth":
+
+    def at_label() -> torch.Tensor:
         safe = labels.clamp(min=0, max=real_vocab - 1)
-        at_label = student_logits.float().gather(-1, safe[:, None])[:, 0] / temperature - lse
-        p, q = _ground_truth_pair(s_lp, s_tail, t_lp, t_tail, ids, labels, at_label)
-    elif tail == "bucket":
-        p, q = with_bucket(t_lp, t_tail), with_bucket(s_lp, s_tail)
-        if kind != "forward_kl":
-            empty = torch.isneginf(t_tail)[:, None]
-            q = torch.where(empty, with_bucket(renormalized(s_lp), torch.full_like(s_tail, NEG_INF)), q)
-    else:
-        raise ValueError(f"unknown loss.tail {tail!r}; choose bucket, ground_truth or renormalize")
-    if kind == "forward_kl":
-        loss = forward_kl(p, q)
-    elif kind == "reverse_kl":
-        loss = reverse_kl(p, q)
-    elif kind == "jsd":
-        loss = jsd(p, q, beta)
-    else:
-        raise ValueError(f"unknown KD loss kind {kind!r}; choose forward_kl, reverse_kl or jsd")
-    return loss * temperature**2
+        return student_logits.float().gather(-1, safe[:, None])[:, 0] / temperature - lse
+
+    divergence = DIVERGENCES[kind]
+    p, q = TAILS[tail](SparsePair(s_lp, s_tail, t_lp, t_tail, ids, labels, at_label), divergence.on_support)
+    return divergence.between(p, q, beta) * temperature**2
 
 
 def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, real_vocab: int | None = None) -> torch.Tensor:

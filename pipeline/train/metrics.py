@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.dist import World, all_gather_rows
-from storage.atomic import is_disk_full, no_space, write_text
+from storage import is_disk_full, no_space, write_text
 
 METRICS_NAME = "metrics.jsonl"
 

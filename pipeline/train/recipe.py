@@ -27,8 +27,10 @@ from tqdm import tqdm
 
 from pipeline import preempt
 from pipeline.dist import all_reduce_sum, any_rank, barrier, init_process_group, world
-from pipeline.hf import LogitHead, compute_dtype, dtype_choice, load_model, resolve_device
 from pipeline.log import get_logger, progress_bars
+from pipeline.models.device import compute_dtype, dtype_choice, resolve_device
+from pipeline.models.head import LogitHead
+from pipeline.models.hf import load_model
 from pipeline.train.checkpoint import CHECKPOINTS, publish_checkpoint, restore_rng, save_checkpoint
 from pipeline.train.config import LiveTeacherConfig, Phase, StudentConfig, TrainConfig
 from pipeline.train.evaluate import evaluate
@@ -39,14 +41,22 @@ from pipeline.train.schedule import lr_at, phase_at
 from pipeline.train.sources import BatchSource
 from pipeline.train.step import LossFacts, combine, micro_batch_sums, token_counts
 from pipeline.train.student import build_student
-from storage.atomic import atomic_write, ensure_writable, remove_stale_temporaries, write_text
-from storage.errors import DirectoryInUseError
-from storage.locks import DirectoryLock
-from storage.mirror import Mirror, join
-from storage.stream import StreamOrder, StreamState
+from storage import (
+    CONFIG_NAME,
+    DirectoryInUseError,
+    DirectoryLock,
+    Mirror,
+    StreamOrder,
+    StreamState,
+    atomic_write,
+    ensure_writable,
+    join,
+    remove_stale_temporaries,
+    write_text,
+)
 
 log = get_logger("train")
-FINAL, FINAL_LAST, CONFIG_NAME = "final", "config.json", "config.yaml"
+FINAL, FINAL_LAST = "final", "config.json"
 """``final/`` is uploaded with ``config.json`` last (a folder without one does not load as a model anyway)."""
 
 

@@ -34,9 +34,7 @@ from pipeline.train.checkpoint import (
     open_checkpoint,
 )
 from pipeline.train.metrics import METRICS_NAME
-from storage.atomic import remove_path
-from storage.mirror import Mirror
-from storage.stream import StreamOrder
+from storage import Mirror, StreamOrder, remove_path
 
 DAMAGED_SUFFIX = ".damaged"
 log = get_logger("train")

@@ -10,7 +10,7 @@ from pipeline.errors import ConfigError
 from pipeline.train.config import LossConfig, Phase, PretrainJob, TrainConfig, TrainJob, resolve_phases
 from pipeline.train.recipe import TrainingRecipe
 from pipeline.train.sources import BatchSource, cache_source, text_source
-from storage.stream import StreamOrder
+from storage import StreamOrder
 
 
 def _check_retempering(source: BatchSource, phases: list[Phase], cache_dir: str) -> None:

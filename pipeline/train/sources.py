@@ -19,11 +19,20 @@ from pipeline.dist import world
 from pipeline.errors import ConfigError, DataError
 from pipeline.log import get_logger
 from pipeline.train.config import SourceConfig
-from storage.errors import CacheError, ChecksumError
-from storage.manifest import Manifest, ShardRecord
-from storage.reader import SoftTargetStream, sequential_batches, to_tensors
-from storage.remote_shards import open_cache
-from storage.stream import StreamOrder, StreamState, iterate_batches
+from storage import (
+    Cache,
+    CacheError,
+    ChecksumError,
+    Manifest,
+    ShardRecord,
+    SoftTargetStream,
+    StreamOrder,
+    StreamState,
+    iterate_batches,
+    open_cache,
+    sequential_batches,
+    to_tensors,
+)
 
 Batch = dict[str, torch.Tensor]
 log = get_logger("train")
@@ -44,7 +53,7 @@ class BatchSource:
 
 
 class ArrayRows:
-    """In-memory sequences with the ``gather`` interface of ``storage.stream.ShardRows``."""
+    """In-memory sequences with the ``gather`` interface of ``storage.read.stream.ShardRows``."""
 
     def __init__(self, split: PackedSplit):
         self.arrays = {"input_ids": split.input_ids, "loss_mask": split.loss_mask}
@@ -53,20 +62,20 @@ class ArrayRows:
         return {name: array[samples] for name, array in self.arrays.items()}
 
 
-def _check_shards(manifest: Manifest, records: list[ShardRecord]) -> None:
+def _check_shards(cache: Cache, records: list[ShardRecord]) -> None:
     """Hash this rank's share of ``records`` before the first step, so that a damaged cache never trains, not
     even for the steps before the reader reaches the damaged shard. A rank that fails exits, and torchrun then
     stops the others; the reader still checks each shard when it opens it, for damage during a long run."""
     here = world()
-    problems = manifest.verify(records[here.rank :: here.size])
+    problems = cache.verify(records[here.rank :: here.size])
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ChecksumError(f"cache {manifest.location} is damaged: {problems[0]}{more}; nothing was trained: run "
-                            f"`distillery verify {manifest.location}` and rebuild the cache")
+        raise ChecksumError(f"cache {cache.location} is damaged: {problems[0]}{more}; nothing was trained: run "
+                            f"`distillery verify {cache.location}` and rebuild the cache")
 
 
-def _manifest(key: str, source: SourceConfig, location: str) -> Manifest:
-    """The manifest of the cache that the setting ``key`` names; its errors name the key."""
+def _open(key: str, source: SourceConfig, location: str) -> Cache:
+    """The cache that the setting ``key`` names, opened; its errors name the key."""
     try:
         return open_cache(location, source.local_dir, source.local_bytes)
     except CacheError as exc:
@@ -94,30 +103,30 @@ def cache_source(source: SourceConfig, order: StreamOrder, num_workers: int) -> 
     cache). A cache at a URL is read through local copies of its shards (``cache.local_dir``)."""
     from transformers import AutoTokenizer
 
-    manifest = _manifest("cache.dir", source, source.dir)
+    cache = _open("cache.dir", source, source.dir)
+    manifest = cache.manifest
     _check_draws(source, manifest)
-    tokenizer = AutoTokenizer.from_pretrained(str(manifest.folder(manifest.tokenizer_dir)))
+    tokenizer = AutoTokenizer.from_pretrained(str(cache.store.folder(manifest.tokenizer_dir)))
 
     # With ``cache.verify``, every shard is hashed once below, before the first step; the readers do not hash
     # again (they would at every resume, and eval would at every evaluation).
     def stream(start: StreamState) -> Iterator[Batch]:
-        dataset = SoftTargetStream(manifest, order, start=start, verify=False, draws_per_epoch=source.draws_per_epoch)
+        dataset = SoftTargetStream(cache, order, start=start, verify=False, draws_per_epoch=source.draws_per_epoch)
         return iter(DataLoader(dataset, batch_size=None, num_workers=num_workers))
 
-    SoftTargetStream(manifest, order, verify=False)  # fails early when the global batch exceeds the split
+    SoftTargetStream(cache, order, verify=False)  # fails early when the global batch exceeds the split
     eval_dir = source.eval_dir
-    held_out_manifest = _manifest("cache.eval_dir", source, eval_dir) if eval_dir else manifest
-    held_out = held_out_manifest.location
+    held_out = _open("cache.eval_dir", source, eval_dir) if eval_dir else cache
     if source.verify:
-        _check_shards(manifest, manifest.shards_for("train") if eval_dir else manifest.shards)
+        _check_shards(cache, manifest.shards_for("train") if eval_dir else manifest.shards)
         if eval_dir:
-            _check_shards(held_out_manifest, held_out_manifest.shards_for("eval"))
-    has_eval = bool(held_out_manifest.shards_for("eval"))
+            _check_shards(held_out, held_out.manifest.shards_for("eval"))
+    has_eval = bool(held_out.manifest.shards_for("eval"))
     if not has_eval:
-        log.warning(f"{held_out} has no eval shards; evaluation is skipped")
+        log.warning(f"{held_out.location} has no eval shards; evaluation is skipped")
     return BatchSource(
         stream=stream,
-        eval_batches=(lambda: sequential_batches(held_out_manifest, "eval", order.batch_size, False)) if has_eval
+        eval_batches=(lambda: sequential_batches(held_out, "eval", order.batch_size, False)) if has_eval
         else None,
         tokenizer=tokenizer,
         vocab_size=manifest.vocab_size,

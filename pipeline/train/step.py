@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.hf import LogitHead, hidden_states
+from pipeline.models.head import LogitHead, hidden_states
 from pipeline.train.config import LossConfig
 from pipeline.train.losses import cross_entropy, dense_forward_kl, kd_loss
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError, TeacherError
-from pipeline.hf import load_failure, tokenizer_sha256
+from pipeline.models.hf import load_failure, tokenizer_sha256
 from pipeline.train.config import StudentConfig
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")

@@ -28,10 +28,6 @@ SCALES = {
 FULL_SCALE = os.environ.get("CHAOS_SCALE", "fast") == "full"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "full_scale: a chaos case that only CHAOS_SCALE=full (`make chaos`) runs")
-
-
 def pytest_collection_modifyitems(config, items):
     if not FULL_SCALE:
         skip_marked(items, "full_scale", "CHAOS_SCALE=full only: `make chaos` runs it")

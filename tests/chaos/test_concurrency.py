@@ -35,7 +35,7 @@ def test_same_part_twice(tmp_path, reference_cache, chaos_teacher, chaos_corpus,
 
 def test_two_parts_finish_together(tmp_path, reference_cache, chaos_teacher, chaos_corpus, chaos_results):
     overrides = cache_overrides(chaos_teacher, chaos_corpus, tmp_path / "cache", "arrow")
-    parts = [start(distillery("cache", "--num-shards", "2", "--shard-index", str(i), *overrides)) for i in (0, 1)]
+    parts = [start(distillery("cache", "--num-tasks", "2", "--task-index", str(i), *overrides)) for i in (0, 1)]
     outcomes = [finish(part) for part in parts]
     assert [code for code, _ in outcomes] == [0, 0], outcomes
     assert sum("wrote manifest" in err for _, err in outcomes) == 1, [err[-2000:] for _, err in outcomes]
