@@ -9,6 +9,7 @@ from pipeline.bench.commands import add_parsers
 from pipeline.cache.config import CacheJob
 from pipeline.cli_tools import add_cache_tools, add_model_tools
 from pipeline.errors import CheckpointError, ConfigError, DataError, TeacherError
+from pipeline.generate.config import GenerateJob
 from pipeline.log import get_logger, set_verbosity
 from pipeline.rounds.config import RunJob
 from pipeline.rounds.state import LockHeldError
@@ -25,6 +26,16 @@ def _cache(args) -> int:
 
     job = load_config(CacheJob, args.config, args.overrides)
     result = run_cache(job, num_tasks=args.num_tasks, task_index=args.task_index, finalize_only=args.finalize)
+    print(result.directory)
+    return 0
+
+
+def _generate(args) -> int:
+    from pipeline.config_loading import load_config
+    from pipeline.generate.config import GenerateJob
+    from pipeline.generate.run import run_generate
+
+    result = run_generate(load_config(GenerateJob, args.config, args.overrides), args.num_tasks, args.task_index)
     print(result.directory)
     return 0
 
@@ -152,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "cache.top_k=32")
     _task_flags(cache, 1, "parallel cache jobs (e.g. a Slurm array's size)")
     cache.add_argument("--finalize", action="store_true", help="only assemble the manifest from finished shards")
+    generate = _stage_parser(commands, "generate", _generate, "write a model's completions of prompts (sequence-level "
+                             "and on-policy distillation)", GenerateJob, "generate.temperature=0")
+    _task_flags(generate, 1, "parallel generation jobs (e.g. a Slurm array's size)")
     _stage_parser(commands, "prepare", _prepare, "tokenize and pack the data once into the cache's token store "
                   "(before a Slurm array, so its tasks only memory-map it)", CacheJob, "data.seq_len=1024")
     _stage_parser(commands, "train", _train, "train a student on cached soft targets", TrainJob, "train.steps=200")
@@ -160,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = _stage_parser(commands, "run", _run, "run a multi-round pipeline (or one stage of one round)", RunJob,
                         "run.dir=runs/x")
     run.add_argument("--round", type=int, help="only this round (1-based)")
-    run.add_argument("--stage", choices=["prepare", "cache", "train"],
+    run.add_argument("--stage", choices=["prepare", "generate", "cache", "train"],
                      help="only this stage (prepare: the token store of the cache stage)")
     _task_flags(run, 1, "parallel cache jobs (e.g. a Slurm array's size)")
 

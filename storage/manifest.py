@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from storage.errors import CacheNotFoundError, ManifestError
 from storage.io.atomic import write_json
-from storage.io.seals import seal_is_broken, with_seal
+from storage.io.seals import read_sealed, seal_is_broken, with_seal
 
 FORMAT_VERSION = 3  # 3: one schema per cache, counts, sorted delta-coded ids (storage.codec.v3)
 MANIFEST_NAME = "manifest.json"
@@ -154,3 +154,29 @@ def read_manifest(directory: str | Path, name: str | None = None) -> Manifest:
         raise ManifestError(f"{label} does not match its {MANIFEST_SEAL}: it was edited or damaged after it was "
                             "written; the cache cannot be trusted: rebuild it")
     return Manifest.from_json(data, name or str(directory), label)
+
+
+def write_folder_manifest(directory: Path, record: dict, shards: list[ShardRecord]) -> Path:
+    """Write the ``manifest.json`` of a folder of shards that is not a cache (a generation folder, say): ``record``
+    with every shard, sealed, atomically, last."""
+    path = directory / MANIFEST_NAME
+    write_json(path, with_seal({**record, "shards": [dataclasses.asdict(s) for s in shards]}, MANIFEST_SEAL))
+    return path
+
+
+def read_folder_manifest(directory: str | Path, name: str | None = None) -> tuple[dict, list[ShardRecord]]:
+    """The sealed record and the shards of a finished folder's manifest, checked as a cache's is."""
+    path = Path(directory) / MANIFEST_NAME
+    label = f"{name}/{MANIFEST_NAME}" if name else str(path)
+    if not path.is_file():
+        raise CacheNotFoundError(f"no {MANIFEST_NAME} in {name or directory}: the folder is not complete")
+    record = read_sealed(path, MANIFEST_SEAL, ManifestError)
+    try:
+        shards = [ShardRecord(**s) for s in record["shards"]]
+    except (KeyError, TypeError) as exc:
+        raise ManifestError(f"{label}: its list of shards is malformed ({exc}); write the folder again") from None
+    escaping = [s.path for s in shards if not _relative_inside(s.path)]
+    if escaping:
+        raise ManifestError(f"{label}: path {escaping[0]!r} is not inside the folder; the manifest is tampered or "
+                            "damaged: write the folder again")
+    return record, shards

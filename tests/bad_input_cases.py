@@ -38,7 +38,7 @@ class Case:
     """Folders under ``Inputs.tmp`` whose files the command must not change."""
 
 
-CACHE_OUT, TRAIN_OUT, RUN_OUT = ("c",), ("o",), ("run", "caches")
+CACHE_OUT, TRAIN_OUT, RUN_OUT, GENERATE_OUT = ("c",), ("o",), ("run", "caches"), ("g",)
 
 
 def cache_cmd(i: Inputs, **extra) -> list[str]:
@@ -47,6 +47,12 @@ def cache_cmd(i: Inputs, **extra) -> list[str]:
 
 def train_cmd(i: Inputs, **extra) -> list[str]:
     return ["train", *train_args(i.cache, i.tmp / "o", **extra)]
+
+
+def generate_cmd(i: Inputs, **extra) -> list[str]:
+    settings = {"generate.model": i.teacher, "generate.out_dir": i.tmp / "g", "data.path": i.corpus,
+                "generate.max_new_tokens": 8, "generate.max_prompts": 2, "device": "cpu", **extra}
+    return ["generate", *(f"{k}={v}" for k, v in settings.items())]
 
 
 def write(path: Path, content: str | bytes) -> Path:
@@ -88,13 +94,13 @@ def with_config(text: str, command: str = "cache") -> Callable[[Inputs], list[st
     return lambda i: [command, "--config", str(write(i.tmp / "bad.yaml", text))]
 
 
-def run_cmd(rounds: list, *flags: str) -> Callable[[Inputs], list[str]]:
-    """``distillery run`` of a small valid run config with these ``rounds``."""
+def run_cmd(rounds: list, *flags: str, **sections) -> Callable[[Inputs], list[str]]:
+    """``distillery run`` of a small valid run config with these ``rounds`` (and other top-level ``sections``)."""
     def argv(i: Inputs) -> list[str]:
         config = {"run": {"dir": str(i.tmp / "run")}, "teacher": {"model": str(i.teacher)},
                   "data": {"path": str(i.corpus), "seq_len": 32, "holdout_fraction": 0.1},
                   "cache": {"root": str(i.tmp / "caches"), "mode": "topk", "top_k": 8}, "device": "cpu",
-                  "train": {"steps": 2, "batch_size": 4}, "rounds": rounds}
+                  "train": {"steps": 2, "batch_size": 4}, "rounds": rounds, **sections}
         return ["run", "--config", str(write(i.tmp / "run.yaml", json.dumps(config))), *flags]
 
     return argv
@@ -267,10 +273,27 @@ CASES = [
     Case("changed-config-on-out-dir", changed_config,
          ('loss.kind: "forward_kl" -> "jsd"', "train.lr: 0.001 -> 0.002", "train.resume=never"), TRAIN_OUT,
          untouched=TRAIN_OUT),
+    # the generation stage
+    Case("generate-negative-temperature", lambda i: generate_cmd(i, **{"generate.temperature": -1}),
+         ("generate.temperature: must be >= 0 (0 is greedy)", "got -1"), GENERATE_OUT),
+    Case("generate-missing-model", lambda i: generate_cmd(i, **{"generate.model": i.tmp / "no-such-model"}),
+         ("generate.model", "no-such-model", "no such model directory"), GENERATE_OUT),
+    Case("generate-prompt-beyond-positions", lambda i: generate_cmd(i, **{"generate.max_new_tokens": 250}),
+         ("data.path: prompt 0 has", "generate.max_new_tokens=250", "exceeds the model's 256 positions"), GENERATE_OUT),
+    Case("generate-top-p-zero", lambda i: generate_cmd(i, **{"generate.top_p": 0}),
+         ("generate.top_p: must be in (0, 1]", "got 0"), GENERATE_OUT),
     # stage 3
     Case("run-empty-rounds", run_cmd([]), ("rounds: needs at least one round",), RUN_OUT),
     Case("run-missing-round-teacher", run_cmd([{**ROUND, "teacher": {"model": "/no/such/teacher"}}]),
          ("teacher.model", "/no/such/teacher", "no such model directory"), RUN_OUT),
+    Case("run-generate-by-nobody", run_cmd([{**ROUND, "generate": {"by": "nobody"}}]),
+         ("rounds[0]", "generate.by: must be teacher or student", "'nobody'"), RUN_OUT),
+    Case("run-generate-by-a-random-init-student", run_cmd([{**ROUND, "generate": {"by": "student"}}]),
+         ("rounds[0]", "generate.by: student needs student.model"), RUN_OUT),
+    Case("run-on-policy-without-a-start", run_cmd([], on_policy={"rounds": 2, "prompts_per_round": 4}),
+         ("on_policy.student: is required when no round precedes",), RUN_OUT),
+    Case("run-on-policy-zero-rounds", run_cmd([ROUND], on_policy={"rounds": 0, "prompts_per_round": 4}),
+         ("on_policy.rounds: must be an integer >= 1, got 0",), RUN_OUT),
     Case("run-round-out-of-range", run_cmd([ROUND], "--round", "3"), ("--round 3", "1..1"), RUN_OUT),
     Case("run-damaged-state", damaged_state, ("run/state.json is not valid JSON", "delete it to redo every stage")),
     *wrong_directories("status", "run"),

@@ -91,10 +91,11 @@ def test_every_shipped_config_loads(path):
 
 
 def test_readme_documents_every_key():
+    from pipeline.generate.config import GenerateJob
     from pipeline.rounds.config import RunJob
     from pipeline.train.config import PretrainJob, TrainJob
 
     readme = (ROOT / "README.md").read_text()
-    keys = {*all_keys(CacheJob), *all_keys(TrainJob), *all_keys(PretrainJob), *all_keys(RunJob)}
+    keys = {*all_keys(CacheJob), *all_keys(TrainJob), *all_keys(PretrainJob), *all_keys(RunJob), *all_keys(GenerateJob)}
     missing = sorted(key for key in keys if f"`{key}`" not in readme)
     assert not missing, f"README.md does not document {missing}"

@@ -1,7 +1,7 @@
 """``distillery bench``: measure the pipeline and write ``results.json`` plus ``results.md``.
 
-Sections: ``storage``, ``storage_remote``, ``stage1``, ``stage1_memory``, ``stage2``, ``quality``, ``scaling``
-and ``parallel``, each a list of flat records. Comparisons run interleaved in one process
+Sections: ``storage``, ``storage_remote``, ``stage1``, ``stage1_memory``, ``stage2``, ``quality``, ``scaling``,
+``parallel`` and ``generation``, each a list of flat records. Comparisons run interleaved in one process
 (or one run) and report medians with min-max spreads. Everything is built
 locally: the 8k BPE, a random-init 17M teacher for throughput, and the
 pretrained teacher given with ``--teacher`` (``make bench`` passes the demo
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.bench.generation import generation_records
 from pipeline.bench.parallel import strategy_records
 from pipeline.bench.quality import (
     CACHE_SETTINGS,
@@ -43,12 +44,13 @@ SMALL = {**STUDENT, "hidden_size": 64, "intermediate_size": 256, "num_hidden_lay
 FULL = {"vocab": 8192, "hidden": 384, "layers": 6, "heads": 6, "stage1_tokens": 200_000, "seq_len": 512,
         "quality_tokens": 200_000, "quality_seq": 128, "steps": 80, "batch": 8, "seeds": 2, "key_seeds": 3,
         "scaling_tokens": 16_384, "memory_documents": 2000, "parallel_steps": 15, "students": (STUDENT, SMALL),
-        "subset": None}
+        "subset": None, "generation": {"rows": 64, "batch": 16, "new_tokens": 64, "repeats": 3}}
 QUICK = {"vocab": 512, "hidden": 32, "layers": 1, "heads": 2, "stage1_tokens": 4096, "seq_len": 64,
          "quality_tokens": 4096, "quality_seq": 32, "steps": 3, "batch": 4, "seeds": 1, "key_seeds": 1,
          "scaling_tokens": 1024, "memory_documents": 100, "parallel_steps": 3,
          "students": ({**SMALL, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
-                       "num_key_value_heads": 2},) * 2, "subset": 3}
+                       "num_key_value_heads": 2},) * 2, "subset": 3,
+         "generation": {"rows": 4, "batch": 2, "new_tokens": 4, "repeats": 1}}
 
 
 def markdown_table(records: list[dict], columns: list[str]) -> str:
@@ -138,6 +140,7 @@ def run_bench(out: str | Path, quick: bool = False, teacher: str | Path | None =
     results["scaling"] = scaling_records(teacher, size, out)
     parallel_common = [c for c in common if not c.startswith("train.steps")] + [f"train.steps={size['parallel_steps']}"]
     results["parallel"] = strategy_records(caches["sample50"], parallel_common, out, rounds=1 if quick else 2)
+    results["generation"] = generation_records(random_teacher, out, **size["generation"])
     results["seconds"] = time.time() - started
     write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     write_text(out / "results.md", results_markdown(results))
@@ -204,6 +207,9 @@ def results_markdown(results: dict) -> str:
                                 "ece"]),
         ("Scaling", "scaling", ["data_factor", "tokens", "stage1_us_per_token", "stage2_tokens", "stage2_us_per_token"]),
         ("Parallel", "parallel", ["strategy", "processes", "grad_accum", "tok_per_s", "tok_per_s_spread", "over_single"]),
+        ("Generation (greedy, fp32; product = `distillery generate` end to end, bare = load + `model.generate` loop)",
+         "generation", ["rows", "batch", "new_tokens", "batched_tok_per_s", "single_tok_per_s", "batched_over_single",
+                        "product_s", "bare_generate_s", "product_over_bare", "product_over_bare_spread"]),
     ]
     parts = [f"# Benchmark results ({results['seconds'] / 60:.1f} min)\n"]
     for title, key, columns in sections:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pipeline.config_loading import device_problem, need, raise_problems
 from pipeline.data.config import DataConfig
-from pipeline.models.gguf import same_folder, split_gguf_path
+from pipeline.models.gguf import gguf_setting
 from storage import DEFAULT_LOCAL_BYTES, FORMAT_VERSIONS, MAX_SAMPLES
 
 
@@ -49,16 +49,9 @@ class TeacherConfig:
         )
 
     def _split_gguf_path(self) -> tuple[str, str] | None:
-        """Turn a ``gguf_file`` path into ``model`` (its folder) and ``gguf_file`` (its name); a problem when
-        ``model`` names another folder."""
-        folder, name = split_gguf_path(self.gguf_file) if self.gguf_file else (None, None)
-        if folder is None:
-            return None
-        if self.model and not same_folder(self.model, folder):
-            return ("gguf_file", f"{self.gguf_file!r} is not in teacher.model {self.model!r}; give its name alone "
-                                 "(a file in that folder), or its path without teacher.model")
-        self.model, self.gguf_file = self.model or folder, name
-        return None
+        """Turn a ``gguf_file`` path into ``model`` (its folder) and ``gguf_file`` (its name)."""
+        self.model, self.gguf_file, problem = gguf_setting(self.model, self.gguf_file, "teacher")
+        return problem
 
 
 @dataclass

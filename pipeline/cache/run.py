@@ -17,7 +17,7 @@ from pipeline.config_loading import to_yaml
 from pipeline.dist import world
 from pipeline.log import get_logger
 from pipeline.models.device import resolve_device
-from storage import CacheNotFoundError, ensure_writable, num_parts, part_index, shards_of_part
+from storage import CacheNotFoundError, num_parts, part_index, shards_of_part
 
 log = get_logger("cache")
 
@@ -37,11 +37,9 @@ def run_cache(job: CacheJob, num_tasks: int = 1, task_index: int = 0, finalize_o
     here = world()
     plan = make_plan(job)
     cache = plan.cache
-    if cache.is_complete():
+    if cache.begin(to_yaml(job)):
         log.info(f"cache hit: {plan.directory} already holds fingerprint {plan.fingerprint}; no teacher work needed")
         return CacheResult(plan.directory, True, 0, True)
-    ensure_writable(cache.path, "cache directory")
-    cache.claim(to_yaml(job))
     written = 0
     # Under tensor parallelism all ranks of the job run one teacher together: they form one part, rank 0 writes.
     ranks_per_part = here.size if job.teacher.parallel == "tensor" else 1

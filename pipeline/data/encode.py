@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pipeline.data.config import DataConfig
+from pipeline.data.generations import generation_encoder, open_generation
 from pipeline.errors import DataError
 
 
@@ -73,5 +74,9 @@ def _chat(tokenizer, cfg: DataConfig):
 
 
 def make_encoder(cfg: DataConfig, tokenizer) -> Callable[[dict], dict]:
-    """A batched ``datasets.map`` function returning ``ids`` and ``targets`` lists per document."""
+    """A batched ``datasets.map`` function returning ``ids`` and ``targets`` lists per document (and, for a
+    generation folder, ``eos_targets``)."""
+    generation = open_generation(cfg.path)
+    if generation is not None:
+        return generation_encoder(generation, tokenizer)
     return {"text": _text, "prompt_response": _prompt_response, "chat": _chat}[cfg.format](tokenizer, cfg)

@@ -64,7 +64,7 @@ def _load_error(key: str, path: str, split: str, exc: Exception) -> DataError:
 
 
 @contextmanager
-def _datasets_output():
+def quiet_datasets():
     """While ``datasets`` loads: no progress bars under ``--quiet``, and no log of the errors it logs just before
     raising them, since the raise is reported as one ``DataError`` line."""
     import datasets
@@ -88,8 +88,10 @@ def _below_error(record: logging.LogRecord) -> bool:
     return record.levelno < logging.ERROR
 
 
-def load_documents(path: str, split: str, columns: dict[str, str], streaming: bool = False, key: str = "data.path"):
-    """A ``datasets.Dataset`` (or ``IterableDataset`` when ``streaming``) of ``path``, checking ``columns`` exist.
+def load_documents(path: str, split: str, columns: dict[str, str], streaming: bool = False, key: str = "data.path",
+                   optional: tuple[str, ...] = ()):
+    """A ``datasets.Dataset`` (or ``IterableDataset`` when ``streaming``) of ``path``, checking ``columns`` exist;
+    the ``optional`` columns are kept where the data has them.
 
     ``key`` is the setting that names ``path``, for the messages of errors.
     """
@@ -99,7 +101,7 @@ def load_documents(path: str, split: str, columns: dict[str, str], streaming: bo
     if looks_local(path) and not local.exists():
         raise DataError(f"{key} {path!r} does not exist; give a data file, a folder of them or a hub dataset id")
     try:
-        with _datasets_output():
+        with quiet_datasets():
             if local.exists():
                 builder, files = local_files(local, key)
                 dataset = datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
@@ -116,7 +118,7 @@ def load_documents(path: str, split: str, columns: dict[str, str], streaming: bo
                 f"data.{field} {column!r} is not a column of {path!r}; "
                 f"its columns are {names}. Set data.{field} to one of them."
             )
-    return dataset.select_columns(sorted(set(columns.values())))
+    return dataset.select_columns(sorted(set(columns.values()) | {c for c in optional if c in names}))
 
 
 def document_batches(dataset, batch_size: int) -> Iterator[dict[str, list]]:

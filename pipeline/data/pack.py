@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from pipeline.data.config import DataConfig
 from pipeline.data.encode import make_encoder, required_columns
+from pipeline.data.generations import open_generation
 from pipeline.data.sources import routed_batches, split_names
 from pipeline.errors import DataError
 
@@ -44,7 +45,8 @@ class PackedSplit:
 def batch_stream(encoded: dict, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
     """One batch's documents joined with EOS: int32 ids and uint8 target flags, one per token.
 
-    The EOS that ends a document is a target when the document has any target.
+    The EOS that ends a document is a target when the document has any target, unless the encoder says which
+    are (``eos_targets``: a generation cut at ``max_new_tokens`` did not stop there).
     """
     ids_column = pa.array(encoded["ids"], type=pa.list_(pa.int32()))
     ids = ids_column.flatten().to_numpy(zero_copy_only=False)
@@ -53,6 +55,8 @@ def batch_stream(encoded: dict, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
     ends = np.cumsum(lengths)
     running = np.concatenate([[0], np.cumsum(targets, dtype=np.int64)])
     eos_target = (running[ends] - running[ends - lengths] > 0).astype(np.uint8)
+    if "eos_targets" in encoded:
+        eos_target &= np.asarray(encoded["eos_targets"], dtype=np.uint8)
     return np.insert(ids, ends, np.int32(eos_id)), np.insert(targets, ends, eos_target)
 
 
@@ -198,8 +202,10 @@ def prepare_splits(cfg: DataConfig, tokenizer) -> dict[str, PackedSplit]:
 
 
 def data_identity(cfg: DataConfig, documents: dict[str, int], sha256: str) -> dict:
-    """Description and content hash of the packed data, for the manifest and fingerprint."""
-    return {
+    """Description and content hash of the packed data, for the manifest and fingerprint; data from a generation
+    folder also names the generation (its fingerprint and sealed manifest)."""
+    generation = open_generation(cfg.path)
+    identity = {
         "path": cfg.path,
         "split": cfg.split,
         "format": cfg.format,
@@ -212,3 +218,4 @@ def data_identity(cfg: DataConfig, documents: dict[str, int], sha256: str) -> di
         "documents": documents,
         "sha256": sha256,
     }
+    return identity if generation is None else {**identity, "generation": generation.identity}

@@ -9,6 +9,7 @@ import numpy as np
 
 from pipeline.data.config import DataConfig
 from pipeline.data.encode import required_columns
+from pipeline.data.generations import generation_documents, open_generation
 from pipeline.data.load import count_documents, document_batches, load_documents, not_utf8
 from pipeline.errors import DataError
 
@@ -72,6 +73,9 @@ def _held_out(documents, cfg: DataConfig, full: Callable[[], bool]) -> Iterator[
 def _documents(key: str, cfg: DataConfig):
     """The documents of the dataset that ``key`` (``data.path`` or ``data.eval_path``) names."""
     path, split = (cfg.path, cfg.split) if key == "data.path" else (cfg.eval_path, cfg.eval_split or cfg.split)
+    generation = open_generation(path, key, verify=True)
+    if generation is not None:
+        return generation_documents(generation, split)
     documents = load_documents(path, split, required_columns(cfg), cfg.streaming, key)
     if not cfg.streaming and len(documents) == 0:  # a streamed one is found empty when nothing was packed
         raise DataError(f"{key} {path!r} split {split!r} is empty")

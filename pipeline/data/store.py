@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipeline.data.arrow_rows import ArrowRowsWriter, CorruptRowsError, read_rows
 from pipeline.data.config import DataConfig
+from pipeline.data.generations import open_generation
 from pipeline.data.load import local_files
 from pipeline.data.pack import PackedSplit, content_sha256, pack_documents
 from pipeline.data.sources import split_names
@@ -55,10 +56,14 @@ class TokenStore:
         return {name: split.documents for name, split in self.splits.items()}
 
 
-def _source_files(path: str | None) -> list | None:
-    """Name, size and mtime of each local data file, so edited data gets a new fingerprint; None for a hub id."""
+def _source_files(path: str | None) -> list | dict | None:
+    """Name, size and mtime of each local data file, so edited data gets a new fingerprint (a generation folder: its
+    identity, sealed manifest included); None for a hub id."""
     if not path or not Path(path).expanduser().exists():
         return None
+    generation = open_generation(path)
+    if generation is not None:
+        return generation.identity
     _, files = local_files(Path(path).expanduser())
     return [[name, (stat := Path(name).stat()).st_size, stat.st_mtime_ns] for name in files]
 

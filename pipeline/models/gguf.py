@@ -28,6 +28,18 @@ def split_gguf_path(value: str) -> tuple[str | None, str]:
     return (folder or "/", name) if sep else (None, value)
 
 
+def gguf_setting(model: str, gguf_file: str | None, section: str) -> tuple[str, str | None, tuple[str, str] | None]:
+    """``(model, gguf_file, problem)`` of a ``<section>.model`` and ``<section>.gguf_file`` pair: a ``gguf_file``
+    path becomes its folder (the model) and its name; the problem names a ``model`` that is another folder."""
+    folder, name = split_gguf_path(gguf_file) if gguf_file else (None, None)
+    if folder is None:
+        return model, gguf_file, None
+    if model and not same_folder(model, folder):
+        return model, gguf_file, ("gguf_file", f"{gguf_file!r} is not in {section}.model {model!r}; give its name "
+                                               "alone (a file in that folder), or its path without the model")
+    return model or folder, name, None
+
+
 def same_folder(a: str, b: str) -> bool:
     """Whether two model settings name one folder (URLs compare as text, local paths resolved)."""
     if "://" in a or "://" in b:

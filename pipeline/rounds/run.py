@@ -1,8 +1,9 @@
-"""Stage 3, ``distillery run``: rounds of (cache, train), each stage resumable and runnable as its own job.
+"""Stage 3, ``distillery run``: rounds of ([generate,] cache, train), each stage resumable and its own job.
 
 The run directory holds ``config.yaml``, ``state.json``, one ``round-N/``
-folder per round (``cache.json`` pointing at the shared cache, ``train/``
-with ``final/``), and ``report.md`` with its plots. A stage that is complete
+folder per round (``generations/`` for a round that generates, ``cache.json``
+pointing at the shared cache, ``train/`` with ``final/``), and ``report.md``
+with its plots. A stage that is complete
 in ``state.json`` is skipped; an interrupted one resumes, because both
 stages resume by themselves.
 
@@ -22,13 +23,17 @@ from pipeline.cache.run import run_cache
 from pipeline.config_loading import to_yaml
 from pipeline.dist import world
 from pipeline.errors import ConfigError
+from pipeline.generate.run import run_generate
 from pipeline.log import get_logger
 from pipeline.rounds.config import (
     RunJob,
     cache_job,
+    generate_job,
+    job_round,
     previous_final,
     round_name,
     run_mirror,
+    stages_of,
     teacher_of,
     train_dir,
     train_job,
@@ -38,16 +43,36 @@ from pipeline.train.recipe import final_exists
 from pipeline.train.run import train_from_cache
 from storage import CONFIG_NAME, CacheNotFoundError, Mirror, join, write_text
 
-STAGES = ("cache", "train")
 log = get_logger("run")
+
+
+def _needs_previous_final(job: RunJob, index: int, model: str, what: str) -> None:
+    """Refuse to start when ``model`` is the previous round's student and it is not whole where it was saved."""
+    if index > 1 and model == previous_final(job, index) and not final_exists(
+            Mirror(train_dir(job, index - 1), job.cache.local_dir)):
+        raise CacheNotFoundError(f"round {index} needs its {what} {model}; run round {index - 1}'s train stage first")
+
+
+def _generate_stage(job: RunJob, index: int, num_tasks: int, task_index: int) -> None:
+    """Generate round ``index``'s completions: by its teacher, or by its student's starting model (on-policy)."""
+    run, settings = run_mirror(job), generate_job(job, index)
+    _needs_previous_final(job, index, settings.generate.model, "generating model")
+    previous = stage_record(run, index, "generate")
+    start = time.perf_counter()
+    result = run_generate(settings, num_tasks=num_tasks, task_index=task_index)
+    update_stage(run, index, "generate", status="done" if result.complete else "partial",
+                 dir=str(result.directory), model=settings.generate.model,
+                 by=job_round(job, index)["generate"]["by"], hit=result.hit,
+                 seconds=previous.get("seconds", 0.0) + time.perf_counter() - start)
+    log.info(f"round {index} generations ({'hit' if result.hit else 'written'}): {result.directory}")
 
 
 def _cache_stage(job: RunJob, index: int, num_tasks: int, task_index: int) -> None:
     """Cache round ``index``; a teacher that is the previous round's student must be whole where it was saved."""
     run, teacher = run_mirror(job), teacher_of(job, index)
-    from_previous = index > 1 and teacher == previous_final(job, index)
-    if from_previous and not final_exists(Mirror(train_dir(job, index - 1), job.cache.local_dir)):
-        raise CacheNotFoundError(f"round {index} needs its teacher {teacher}; run round {index - 1}'s train stage first")
+    _needs_previous_final(job, index, teacher, "teacher")
+    if "generate" in stages_of(job, index) and stage_record(run, index, "generate").get("status") != "done":
+        raise CacheNotFoundError(f"round {index}'s generations are not complete; run its generate stage first")
     previous = stage_record(run, index, "cache")
     start = time.perf_counter()
     result = run_cache(cache_job(job, index), num_tasks=num_tasks, task_index=task_index)
@@ -79,6 +104,11 @@ def _train_stage(job: RunJob, index: int) -> None:
         update_stage(run, index, "train", status="done", final=str(final))
 
 
+def _train_part(job: RunJob, index: int, num_tasks: int, task_index: int) -> None:
+    """The train stage as the stage table calls it: training splits itself between torchrun ranks, not tasks."""
+    _train_stage(job, index)
+
+
 def run_pipeline(job: RunJob, round_index: int | None = None, stage: str | None = None,
                  num_tasks: int = 1, task_index: int = 0) -> Path | str:
     """Run the selected rounds and stages (all by default), skipping complete work; return ``run.dir``."""
@@ -96,19 +126,20 @@ def run_pipeline(job: RunJob, round_index: int | None = None, stage: str | None 
         if stage == "prepare":  # not a stage of state.json: the cache stage reuses (or rebuilds) the store itself
             log.info(f"round {index}: token store {prepare_tokens(cache_job(job, index))[3].directory}")
             continue
-        for name in [stage] if stage else STAGES:
+        for name in [stage] if stage else stages_of(job, index):
+            if name not in stages_of(job, index):
+                log.info(f"round {index} has no {name} stage (no generate section)")
+                continue
             if stage_record(run, index, name).get("status") == "done":
                 log.info(f"round {index} {name}: complete, skipped")
                 continue
             log.info(f"==== round {index}/{job.round_count()}: {name} ====")
-            part = f"{task_index}-{rank}" if name == "cache" else "0"
+            part = f"{task_index}-{rank}" if name != "train" else "0"
             lock = run.local / round_name(index) / f".{name}.{part}.lock"
             if name == "train" and rank != 0:
                 _train_stage(job, index)  # torchrun ranks > 0 follow rank 0, which holds the lock
                 continue
             with stage_lock(lock):
-                if name == "cache":
-                    _cache_stage(job, index, num_tasks, task_index)
-                else:
-                    _train_stage(job, index)
+                {"generate": _generate_stage, "cache": _cache_stage}.get(name, _train_part)(
+                    job, index, num_tasks, task_index)
     return join(job.run.dir)

@@ -36,6 +36,7 @@ from storage.errors import (
     ManifestError,
 )
 from storage.io.atomic import (
+    ensure_writable,
     remove_path,
     remove_stale_temporaries,
     stale_temporaries,
@@ -137,6 +138,15 @@ class ShardFolder:
                 f"{self.name} already holds {self.what} with fingerprint {found}, but these settings give "
                 f"{self.fingerprint}; {self.elsewhere or f'use another {self.key}'}")
         return True
+
+    def begin(self, config_yaml: str) -> bool:
+        """True when the folder is already complete for this fingerprint (a hit); otherwise check that it can be
+        written, claim it, and return False."""
+        if self.is_complete():
+            return True
+        ensure_writable(self.path, self.key)
+        self.claim(config_yaml)
+        return False
 
     @contextmanager
     def _manifest_lock(self):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers import skip_marked
-from jobs import cache_overrides, distillery, run_command, timed, train_overrides
+from jobs import cache_overrides, distillery, on_policy_command, run_command, timed, train_overrides
 
 # Interruptions per sweep, by scale.
 SCALES = {
@@ -119,6 +119,29 @@ def reference_training(tmp_path_factory, reference_cache) -> tuple[Path, float]:
     """An uninterrupted training run on the reference cache, and its wall time."""
     output = tmp_path_factory.mktemp("reference") / "train"
     return output, timed(distillery("train", *train_overrides(reference_cache[0], output)))
+
+
+@pytest.fixture(scope="session")
+def on_policy_inputs(workdir, tokenizer_dir) -> tuple[Path, Path]:
+    """A small student that writes, and 24 chat prompts (verse recitations)."""
+    import gzip
+
+    from pipeline.demo.init_model import build_model
+    from pipeline.demo.tokenizer import QA_CORPUS
+
+    prompts = workdir / "chaos-prompts.jsonl"
+    with gzip.open(QA_CORPUS, "rt") as source:
+        prompts.write_text("".join(next(source) for _ in range(24)))
+    student = build_model(tokenizer_dir, workdir / "chaos-student", arch="llama", hidden=16, layers=1, heads=2,
+                          max_positions=256)
+    return student, prompts
+
+
+@pytest.fixture(scope="session")
+def reference_on_policy_run(tmp_path_factory, llama_dir, on_policy_inputs) -> tuple[Path, float]:
+    """An uninterrupted 2-round on-policy ``distillery run``, and its wall time."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    return run_dir, timed(on_policy_command(llama_dir, *on_policy_inputs)(run_dir, 0))
 
 
 @pytest.fixture(scope="session")

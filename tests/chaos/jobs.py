@@ -93,6 +93,32 @@ def write_run_config(path: Path, run_dir: Path, teacher: Path, data: Path) -> Pa
     return path
 
 
+def write_on_policy_config(path: Path, run_dir: Path, teacher: Path, student: Path, prompts: Path) -> Path:
+    """Two ``on_policy`` rounds: the student writes, the teacher's cache scores it, the student trains on it."""
+    config = {
+        "run": {"dir": str(run_dir)},
+        "teacher": {"model": str(teacher)},
+        "data": {"path": str(prompts), "format": "chat", "seq_len": 32, "holdout_fraction": 0.25},
+        "cache": {"root": str(run_dir / "caches"), "mode": "sample", "samples": 8, "shard_size": 2},
+        "train": {"steps": 6, "batch_size": 2, "checkpoint_every": 2, "eval_every": 0, "log_every": 1,
+                  "warmup_steps": 1},
+        "loss": {"kind": "reverse_kl"},
+        "on_policy": {"rounds": 2, "prompts_per_round": 12, "student": {"model": str(student)},
+                      "generate": {"max_new_tokens": 12, "batch_size": 4, "shard_size": 2, "dtype": "fp32"}},
+        "device": "cpu",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def on_policy_command(teacher: Path, student: Path, prompts: Path):
+    """``distillery run`` of the on-policy config, whose run directory is the output."""
+    def command(run_dir: Path, launch: int) -> list[str]:
+        config = write_on_policy_config(run_dir.parent / f"{run_dir.name}.yaml", run_dir, teacher, student, prompts)
+        return distillery("run", "--config", str(config))
+    return command
+
+
 def run_command(teacher: Path, data: Path):
     """``distillery run`` of the 2-round config, whose run directory is the output."""
     def command(run_dir: Path, launch: int) -> list[str]:

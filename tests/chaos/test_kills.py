@@ -16,6 +16,7 @@ from jobs import (
     check_training,
     distillery,
     never_complete_by_mistake,
+    on_policy_command,
     run_command,
     run_state_is_json,
     shard_hashes,
@@ -58,3 +59,15 @@ def test_stage3_survives_random_kills(tmp_path, llama_dir, corpus_jsonl, referen
     result = sweep.run(lambda trial: tmp_path / f"trial-{trial}", lambda out, _: check_run(out, reference),
                        scale["run"], tmp_path / "log.txt", lambda run_dir, _: run_state_is_json(run_dir))
     chaos_results.add_sweep("3 run", result.summary(), "round 2's student bitwise, state.json always valid JSON")
+
+
+@pytest.mark.full_scale
+def test_on_policy_rounds_survive_random_kills(tmp_path, llama_dir, on_policy_inputs, reference_on_policy_run, scale,
+                                               seed, chaos_results):
+    """Kills land in every stage of both rounds: generate, cache and train."""
+    reference, wall = reference_on_policy_run
+    sweep = Sweep("on-policy run", on_policy_command(llama_dir, *on_policy_inputs), wall, f"{seed}-on-policy", KILL)
+    result = sweep.run(lambda trial: tmp_path / f"trial-{trial}", lambda out, _: check_run(out, reference),
+                       scale["run"], tmp_path / "log.txt", lambda run_dir, _: run_state_is_json(run_dir))
+    chaos_results.add_sweep("3 on-policy run", result.summary(),
+                            "round 2's student bitwise (it generated round 2's data), state.json always valid JSON")
