@@ -73,11 +73,14 @@ def test_missing_required_keys_are_named():
 
 
 def job_class(data: dict):
+    from pipeline.generate.config import GenerateJob
     from pipeline.rounds.config import RunJob
     from pipeline.train.config import PretrainJob, TrainJob
 
-    if "rounds" in data:
+    if "rounds" in data or "on_policy" in data:
         return RunJob
+    if "generate" in data:
+        return GenerateJob
     if "tokenizer" in data:
         return PretrainJob
     return TrainJob if "train" in data else CacheJob

@@ -144,3 +144,17 @@ def test_a_cache_on_a_generation_targets_the_completions_names_it_and_follows_it
     second = read_manifest(cache(args).directory)
     assert second.fingerprint != first.fingerprint
     assert second.dataset["generation"]["fingerprint"] == read_folder_manifest(out)[0]["fingerprint"]
+
+
+def test_the_manifest_scores_the_answers_against_their_references(llama_dir, recitations, tmp_path):
+    from pipeline.generate.score import chrf, exact_match
+
+    generate(settings(llama_dir, recitations, tmp_path / "g", **{"generate.max_prompts": 6}))
+    record, _ = read_folder_manifest(tmp_path / "g")
+    answers = [(row["messages"][-1]["content"], row["reference"]) for row in rows(tmp_path / "g")]
+    assert record["score"]["scored"] == 6
+    assert record["score"]["chrf"] == pytest.approx(sum(chrf(a, r) for a, r in answers) / 6)
+    assert record["score"]["exact_match"] == sum(exact_match(a, r) for a, r in answers) / 6
+    verse = "In the beginning God created the heaven and the earth."
+    assert chrf(verse, verse) == 1.0 and exact_match(verse, " In the  beginning God created the heaven and the earth.")
+    assert 0.5 < chrf(verse.replace("created", "made"), verse) < 1.0 and chrf("xyz", verse) == 0.0

@@ -10,7 +10,7 @@ from pipeline.config_loading import to_dict
 from pipeline.generate.config import GenerateJob
 from pipeline.generate.decode import Sampling
 from pipeline.generate.prompts import Prompt, check_lengths, load_prompts, prompts_sha256
-from pipeline.generate.rows import SUFFIX, GenerationFolder
+from pipeline.generate.rows import SUFFIX, GenerationFolder, rows_score
 from pipeline.models.device import compute_dtype, resolve_device
 from pipeline.models.hf import load_config_and_tokenizer, max_positions, teacher_identity, tokenizer_sha256
 from storage import Mirror, ShardPlan, ShardRecord, fingerprint, join, plan_shards
@@ -53,7 +53,9 @@ class GeneratePlan:
                          "prompts_sha256": self.identity["prompts_sha256"]},
                 "sampling": self.identity["sampling"], "samples_per_prompt": g.samples_per_prompt,
                 "dtype": self.dtype, "backend": g.backend, "rows": sum(s.sequences for s in shards) * g.samples_per_prompt,
-                "tokens": sum(s.tokens for s in shards), "fingerprint_identity": self.identity,
+                "tokens": sum(s.tokens for s in shards),
+                "score": rows_score(self.folder.path, shards, self.job.data.format == "chat"),
+                "fingerprint_identity": self.identity,
                 "config": to_dict(self.job)}
 
 

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 
 from pipeline.generate.decode import Completion
 from pipeline.generate.prompts import Prompt
-from storage import ShardFolder, atomic_write
+from pipeline.generate.score import task_score
+from storage import ShardFolder, ShardRecord, atomic_write
 
 SUFFIX = ".parquet"
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -53,6 +54,18 @@ def rows_table(prompts: list[Prompt], completions: list[Completion], samples: in
         "finish_reason": pa.array([c.finish_reason for c in completions], pa.string()),
     }
     return pa.table(columns)
+
+
+def rows_score(folder: Path, shards: list[ShardRecord], chat: bool) -> dict | None:
+    """The task score (``pipeline.generate.score``) of every row that has a reference, read back from its shards."""
+    answers, references = [], []
+    for shard in shards:
+        table = pq.read_table(folder / shard.path, columns=["messages" if chat else "response", "reference"])
+        text = [m[-1]["content"] for m in table.column("messages").to_pylist()] if chat \
+            else table.column("response").to_pylist()
+        answers += text
+        references += table.column("reference").to_pylist()
+    return task_score(answers, references)
 
 
 def write_rows(path: Path, table: pa.Table) -> None:

@@ -22,7 +22,7 @@ from pipeline.generate.rows import rows_table, write_rows
 from pipeline.log import get_logger, progress_bars
 from pipeline.models.device import dtype_choice, resolve_device
 from pipeline.models.hf import load_model
-from storage import ShardPlan, num_parts, part_index, shards_of_part, write_folder_manifest
+from storage import ShardPlan, num_parts, part_index, read_folder_manifest, shards_of_part, write_folder_manifest
 
 log = get_logger("generate")
 
@@ -59,6 +59,10 @@ def run_generate(job: GenerateJob, num_tasks: int = 1, task_index: int = 0) -> G
         return GenerateResult(plan.directory, False, written, False)
     if folder.finish(plan.shards, lambda shards: write_folder_manifest(folder.path, plan.manifest(shards), shards)):
         log.info(f"wrote the manifest of {len(plan.shards)} shards ({len(plan.prompts)} prompts) in {plan.directory}")
+        score = read_folder_manifest(folder.path)[0].get("score")
+        if score:
+            log.info(f"task score over the {score['scored']} rows with a reference: exact match "
+                     f"{score['exact_match']:.3f}, chrF {score['chrf']:.3f}")
     return GenerateResult(plan.directory, False, written, True)
 
 
