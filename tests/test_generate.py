@@ -158,3 +158,20 @@ def test_the_manifest_scores_the_answers_against_their_references(llama_dir, rec
     verse = "In the beginning God created the heaven and the earth."
     assert chrf(verse, verse) == 1.0 and exact_match(verse, " In the  beginning God created the heaven and the earth.")
     assert 0.5 < chrf(verse.replace("created", "made"), verse) < 1.0 and chrf("xyz", verse) == 0.0
+
+
+def test_a_generation_at_a_url_is_written_and_cached_like_a_local_one(llama_dir, recitations, bucket, tmp_path):
+    from helpers import cache, cache_args
+
+    from storage import read_manifest
+
+    extra = {"generate.max_prompts": 4, "generate.local_dir": tmp_path / "work"}
+    local = generate(settings(llama_dir, recitations, tmp_path / "g", **extra))
+    remote = generate(settings(llama_dir, recitations, f"{bucket}/gen", **extra))
+    assert remote.complete and remote.directory == f"{bucket}/gen"
+    assert generate(settings(llama_dir, recitations, f"{bucket}/gen", **extra)).hit
+    want = read_folder_manifest(local.directory)[0]
+    args = cache_args(llama_dir, f"{bucket}/gen", tmp_path / "c", **{"data.holdout_fraction": 0.0})
+    manifest = read_manifest(cache(args).directory)
+    assert manifest.dataset["generation"]["fingerprint"] == want["fingerprint"]
+    assert manifest.dataset["documents"] == {"train": 4}

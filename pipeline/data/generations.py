@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.data.load import quiet_datasets
 from pipeline.errors import DataError
 from pipeline.models.hf import tokenizer_sha256
-from storage import MANIFEST_NAME, CacheError, read_folder_manifest, tree_sha256
+from storage import MANIFEST_NAME, CacheError, Mirror, is_url, local_folder, read_folder_manifest, tree_sha256
 
 TEXT_COLUMNS = {"chat": ["messages"], "prompt_response": ["prompt", "response"], "text": ["prompt", "response"]}
 
@@ -40,10 +40,26 @@ class Generation:
         return ["prompt_ids", "completion_ids", "finish_reason", *TEXT_COLUMNS[self.record["data"]["format"]]]
 
 
+_COPIES: dict[str, Path] = {}
+"""Local copies of generation folders at URLs, one download per process."""
+
+
+def _local(path: str) -> Path | None:
+    """The local folder of ``path``: itself, or a copy of a generation folder at a URL (None for a URL that holds
+    no manifest, which is then left alone)."""
+    if not is_url(path):
+        return Path(path).expanduser()
+    if path not in _COPIES:
+        if not Mirror(path).exists(MANIFEST_NAME):
+            return None
+        _COPIES[path] = local_folder(path)
+    return _COPIES[path]
+
+
 def open_generation(path: str | None, key: str = "data.path", verify: bool = False) -> Generation | None:
-    """The finished generation folder at ``path``, or None when ``path`` is not one; with ``verify``, every shard
-    is hashed against the manifest first."""
-    local = Path(path).expanduser() if path else None
+    """The finished generation folder at ``path`` (a directory or a URL, read through a local copy), or None when
+    ``path`` is not one; with ``verify``, every shard is hashed against the manifest first."""
+    local = _local(path) if path else None
     if local is None or not (local / MANIFEST_NAME).is_file():
         return None
     try:

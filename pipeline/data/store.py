@@ -59,11 +59,11 @@ class TokenStore:
 def _source_files(path: str | None) -> list | dict | None:
     """Name, size and mtime of each local data file, so edited data gets a new fingerprint (a generation folder: its
     identity, sealed manifest included); None for a hub id."""
-    if not path or not Path(path).expanduser().exists():
-        return None
     generation = open_generation(path)
     if generation is not None:
         return generation.identity
+    if not path or not Path(path).expanduser().exists():
+        return None
     _, files = local_files(Path(path).expanduser())
     return [[name, (stat := Path(name).stat()).st_size, stat.st_mtime_ns] for name in files]
 

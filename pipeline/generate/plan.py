@@ -54,7 +54,7 @@ class GeneratePlan:
                 "sampling": self.identity["sampling"], "samples_per_prompt": g.samples_per_prompt,
                 "dtype": self.dtype, "backend": g.backend, "rows": sum(s.sequences for s in shards) * g.samples_per_prompt,
                 "tokens": sum(s.tokens for s in shards),
-                "score": rows_score(self.folder.path, shards, self.job.data.format == "chat"),
+                "score": rows_score(self.folder, shards, self.job.data.format == "chat"),
                 "fingerprint_identity": self.identity,
                 "config": to_dict(self.job)}
 

@@ -56,11 +56,14 @@ def rows_table(prompts: list[Prompt], completions: list[Completion], samples: in
     return pa.table(columns)
 
 
-def rows_score(folder: Path, shards: list[ShardRecord], chat: bool) -> dict | None:
-    """The task score (``pipeline.generate.score``) of every row that has a reference, read back from its shards."""
+def rows_score(folder: GenerationFolder, shards: list[ShardRecord], chat: bool) -> dict | None:
+    """The task score (``pipeline.generate.score``) of every row that has a reference, read back from its shards
+    (a folder at a URL: from the destination, one shard at a time)."""
     answers, references = [], []
     for shard in shards:
-        table = pq.read_table(folder / shard.path, columns=["messages" if chat else "response", "reference"])
+        folder.mirror.pull(shard.path)
+        table = pq.read_table(folder.path / shard.path, columns=["messages" if chat else "response", "reference"])
+        folder.mirror.release(shard.path)
         text = [m[-1]["content"] for m in table.column("messages").to_pylist()] if chat \
             else table.column("response").to_pylist()
         answers += text
