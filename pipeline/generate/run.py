@@ -22,7 +22,15 @@ from pipeline.generate.rows import rows_table, write_rows
 from pipeline.log import get_logger, progress_bars
 from pipeline.models.device import dtype_choice, resolve_device
 from pipeline.models.hf import load_model
-from storage import ShardPlan, num_parts, part_index, read_folder_manifest, shards_of_part, write_folder_manifest
+from storage import (
+    MANIFEST_NAME,
+    ShardPlan,
+    num_parts,
+    part_index,
+    read_folder_manifest,
+    shards_of_part,
+    write_folder_manifest,
+)
 
 log = get_logger("generate")
 
@@ -35,6 +43,8 @@ class GenerateResult:
     shards_written: int
     complete: bool
     """Whether the manifest is written (by this part or another)."""
+    score: dict | None = None
+    """The manifest's task score of the rows that have references, once complete."""
 
 
 def run_generate(job: GenerateJob, num_tasks: int = 1, task_index: int = 0) -> GenerateResult:
@@ -42,9 +52,9 @@ def run_generate(job: GenerateJob, num_tasks: int = 1, task_index: int = 0) -> G
     here = world()
     plan = make_plan(job)
     folder = plan.folder
-    if folder.begin(to_yaml(job)):
+    if folder.begin(to_yaml(job)):  # a hit: the manifest is pulled into the working copy
         log.info(f"hit: {plan.directory} already holds generation {plan.fingerprint}; nothing to generate")
-        return GenerateResult(plan.directory, True, 0, True)
+        return GenerateResult(plan.directory, True, 0, True, _score(folder))
     parts = num_parts(num_tasks, here.size)
     part = part_index(task_index, num_tasks, here.rank, here.size)
     lock = folder.part_lock(part, parts, lambda holder: log.warning(
@@ -59,11 +69,17 @@ def run_generate(job: GenerateJob, num_tasks: int = 1, task_index: int = 0) -> G
         return GenerateResult(plan.directory, False, written, False)
     if folder.finish(plan.shards, lambda shards: write_folder_manifest(folder.path, plan.manifest(shards), shards)):
         log.info(f"wrote the manifest of {len(plan.shards)} shards ({len(plan.prompts)} prompts) in {plan.directory}")
-        score = read_folder_manifest(folder.path)[0].get("score")
-        if score:
-            log.info(f"task score over the {score['scored']} rows with a reference: exact match "
-                     f"{score['exact_match']:.3f}, chrF {score['chrf']:.3f}")
-    return GenerateResult(plan.directory, False, written, True)
+    score = _score(folder)
+    if score:
+        log.info(f"task score over the {score['scored']} rows with a reference: exact match "
+                 f"{score['exact_match']:.3f}, chrF {score['chrf']:.3f}")
+    return GenerateResult(plan.directory, False, written, True, score)
+
+
+def _score(folder) -> dict | None:
+    """The task score the finished folder's manifest records (pulled first: another part may have written it)."""
+    folder.mirror.pull(MANIFEST_NAME)
+    return read_folder_manifest(folder.path)[0].get("score")
 
 
 def _write_part(plan: GeneratePlan, part: int, parts: int) -> int:

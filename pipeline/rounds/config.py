@@ -68,10 +68,10 @@ class RunJob:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
 
     def __post_init__(self):
+        shorthand = _on_policy_problems(self.on_policy, bool(self.rounds))
         problems = [need(bool(self.rounds or self.on_policy), "rounds", "needs at least one round"),
-                    need(not self.cache.dir, "cache.dir", "is set per round; give cache.root instead"),
-                    *_on_policy_problems(self.on_policy, bool(self.rounds))]
-        if not any(problems):
+                    need(not self.cache.dir, "cache.dir", "is set per round; give cache.root instead"), *shorthand]
+        if not any(shorthand):  # a malformed shorthand cannot be expanded into rounds to check
             for index in range(1, self.round_count() + 1):
                 problems.extend(_round_problems(self, index))
         raise_problems(*problems)

@@ -62,7 +62,7 @@ def _generate_stage(job: RunJob, index: int, num_tasks: int, task_index: int) ->
     result = run_generate(settings, num_tasks=num_tasks, task_index=task_index)
     update_stage(run, index, "generate", status="done" if result.complete else "partial",
                  dir=str(result.directory), model=settings.generate.model,
-                 by=job_round(job, index)["generate"]["by"], hit=result.hit,
+                 by=job_round(job, index)["generate"]["by"], hit=result.hit, score=result.score,
                  seconds=previous.get("seconds", 0.0) + time.perf_counter() - start)
     log.info(f"round {index} generations ({'hit' if result.hit else 'written'}): {result.directory}")
 
@@ -104,11 +104,6 @@ def _train_stage(job: RunJob, index: int) -> None:
         update_stage(run, index, "train", status="done", final=str(final))
 
 
-def _train_part(job: RunJob, index: int, num_tasks: int, task_index: int) -> None:
-    """The train stage as the stage table calls it: training splits itself between torchrun ranks, not tasks."""
-    _train_stage(job, index)
-
-
 def run_pipeline(job: RunJob, round_index: int | None = None, stage: str | None = None,
                  num_tasks: int = 1, task_index: int = 0) -> Path | str:
     """Run the selected rounds and stages (all by default), skipping complete work; return ``run.dir``."""
@@ -140,6 +135,10 @@ def run_pipeline(job: RunJob, round_index: int | None = None, stage: str | None 
                 _train_stage(job, index)  # torchrun ranks > 0 follow rank 0, which holds the lock
                 continue
             with stage_lock(lock):
-                {"generate": _generate_stage, "cache": _cache_stage}.get(name, _train_part)(
-                    job, index, num_tasks, task_index)
+                if name == "generate":
+                    _generate_stage(job, index, num_tasks, task_index)
+                elif name == "cache":
+                    _cache_stage(job, index, num_tasks, task_index)
+                else:
+                    _train_stage(job, index)
     return join(job.run.dir)

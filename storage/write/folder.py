@@ -91,15 +91,6 @@ def _read_json(path: Path) -> dict:
         raise ManifestError(f"{path} is not valid JSON ({exc})") from None
 
 
-def refuse_foreign(mirror: Mirror, key: str, what: str, allowed: tuple[str, ...] = ()) -> None:
-    """Raise ``ForeignDirectoryError`` when the destination holds files but is not ``what`` (files named in
-    ``allowed`` may precede the claim). ``key`` is the setting that named the folder."""
-    # fingerprint.json is always written first, so a listing that shows other files shows it too.
-    entries = [name for name in mirror.names() if not name.startswith(".") and name not in allowed]
-    if entries and IDENTITY_NAME not in entries:
-        raise ForeignDirectoryError(f"{key} {mirror.name} is not empty and is not {what}; choose an empty directory")
-
-
 class ShardFolder:
     """One folder of shards (or URL, through its local working copy) of one fingerprint, and every step of
     writing it. Subclasses say what the folder is (``key``, ``what``, ``allowed``) and write the manifest."""
@@ -121,8 +112,13 @@ class ShardFolder:
 
     @classmethod
     def refuse_foreign(cls, mirror: Mirror) -> None:
-        """Refuse a destination that holds files but is not such a folder (before anything is written there)."""
-        refuse_foreign(mirror, cls.key, cls.what, cls.allowed)
+        """Raise ``ForeignDirectoryError`` when the destination holds files but is not such a folder (names in
+        ``allowed`` may precede the claim); called before anything is written there."""
+        # fingerprint.json is always written first, so a listing that shows other files shows it too.
+        entries = [name for name in mirror.names() if not name.startswith(".") and name not in cls.allowed]
+        if entries and IDENTITY_NAME not in entries:
+            raise ForeignDirectoryError(f"{cls.key} {mirror.name} is not empty and is not {cls.what}; "
+                                        "choose an empty directory")
 
     def manifest_fingerprint(self) -> str | None:
         """The fingerprint the finished folder's manifest (pulled into ``path``) records."""
