@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.config_loading import load_config
+from pipeline.errors import DataError
 from pipeline.generate.config import GenerateJob
 from pipeline.generate.run import run_generate
 from storage import read_folder_manifest
@@ -50,6 +51,23 @@ def generate(args: list[str], **kwargs):
 def rows(out: Path) -> list[dict]:
     record, shards = read_folder_manifest(out)
     return [row for shard in shards for row in pq.read_table(out / shard.path).to_pylist()]
+
+
+def test_prompts_leave_out_the_held_out_documents_that_the_task_score_reads(recitations, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from pipeline.data.config import DataConfig
+    from pipeline.data.prompts import load_prompts
+    from pipeline.data.sources import holdout_indices
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    data = DataConfig(path=str(recitations), format="chat", holdout_fraction=0.25, seed=3)
+    train, held = load_prompts(data, tokenizer, None), load_prompts(data, tokenizer, None, split="eval")
+    assert [p.index for p in held] == holdout_indices(24, 0.25, 3).tolist()
+    assert sorted(p.index for p in train + held) == list(range(24))
+    assert [p.index for p in load_prompts(data, tokenizer, 2, first=3)] == [p.index for p in train[3:5]]
+    with pytest.raises(DataError, match="data.holdout_fraction > 0 or data.eval_path"):
+        load_prompts(DataConfig(path=str(recitations), format="chat"), tokenizer, None, split="eval")
 
 
 def test_greedy_rows_equal_transformers_generate_one_prompt_at_a_time(llama_dir, recitations, tmp_path):

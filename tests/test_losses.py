@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache.reduce import sample_targets, topk_targets
-from pipeline.train.losses import cross_entropy, dense_forward_kl, kd_loss
+from pipeline.train.losses import cross_entropy, dense_kd, kd_loss
 
 torch.manual_seed(0)
 
@@ -142,7 +142,7 @@ def test_sample_estimator_gradient_is_unbiased():
     loss = kd_loss(s, ids, lp, tail, torch.zeros(repeats, dtype=torch.long))
     (grad,) = torch.autograd.grad(loss.sum(), s)
     s_full = student.clone().requires_grad_(True)
-    (want,) = torch.autograd.grad(dense_forward_kl(s_full, teacher).sum(), s_full)
+    (want,) = torch.autograd.grad(dense_kd(s_full, teacher).sum(), s_full)
     mean, stderr = grad.mean(0), grad.std(0) / repeats**0.5
     assert torch.all((mean - want[0]).abs() <= 5 * stderr + 1e-6)
 

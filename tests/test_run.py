@@ -107,6 +107,7 @@ def test_two_round_run_writes_exactly_its_files(first_run, llama_dir):
     assert report.count("\n| 1 |") == 1 and report.count("\n| 2 |") == 1 and "![kl.png](kl.png)" in report
     rows = json.loads((run / "report.json").read_text())
     assert rows[1]["student params"] < rows[0]["student params"]
+    assert rows[0]["task chrF"] is None and 0 <= rows[1]["task chrF"] <= 1  # round 1 is text: no references
     finals = [run / f"round-{i}" / "train" / "final" for i in (1, 2)]
     caches = [Path(json.loads((run / f"round-{i}" / "cache.json").read_text())["dir"]) for i in (1, 2)]
     for row, final, cache_dir in zip(rows, finals, caches, strict=True):

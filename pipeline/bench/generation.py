@@ -12,9 +12,9 @@ import torch
 from pipeline.config_loading import load_config
 from pipeline.demo.tokenizer import QA_CORPUS
 from pipeline.generate.config import GenerateJob
-from pipeline.generate.decode import Sampling, decode
 from pipeline.generate.plan import make_plan
 from pipeline.generate.run import run_generate
+from pipeline.models.decode import Sampling, decode
 
 
 def _job(model: Path, out: Path, rows: int, batch: int, new_tokens: int) -> GenerateJob:

@@ -26,7 +26,7 @@ import torch
 from pipeline.bench.remote_read import cpu_model
 from pipeline.bench.storage_settings import setting_layout, setting_targets, target_key
 from pipeline.models.head import LogitHead, hidden_states
-from pipeline.train.losses import dense_forward_kl, kd_loss
+from pipeline.train.losses import dense_kd, kd_loss
 from storage import (
     CacheDirectory,
     Layout,
@@ -142,7 +142,7 @@ def storage_records(teacher_logits: torch.Tensor, student: StudentGradients, inp
 def full_gradients(student: StudentGradients, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradient of full-vocabulary forward KL for the student's logits and for its parameters."""
     s = student.logits.clone().requires_grad_(True)
-    (full,) = torch.autograd.grad(dense_forward_kl(s, teacher_logits).sum(), s)
+    (full,) = torch.autograd.grad(dense_kd(s, teacher_logits).sum(), s)
     return full, student.parameter_gradient(full)
 
 

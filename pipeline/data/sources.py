@@ -22,7 +22,7 @@ def split_names(cfg: DataConfig) -> list[str]:
     return ["train", "eval"] if cfg.eval_path or cfg.holdout_fraction > 0 else ["train"]
 
 
-def _holdout_indices(n_docs: int, fraction: float, seed: int) -> np.ndarray:
+def holdout_indices(n_docs: int, fraction: float, seed: int) -> np.ndarray:
     n_eval = max(1, round(n_docs * fraction))
     if n_eval >= n_docs:
         raise DataError(
@@ -50,7 +50,7 @@ def _held_out(documents, cfg: DataConfig, full: Callable[[], bool]) -> Iterator[
     """Train and eval batches of one dataset: eval is the seeded choice of whole documents, both keep their order."""
     import datasets
 
-    held = _holdout_indices(count_documents(documents, BATCH_DOCUMENTS), cfg.holdout_fraction, cfg.seed)
+    held = holdout_indices(count_documents(documents, BATCH_DOCUMENTS), cfg.holdout_fraction, cfg.seed)
     start = 0
     for batch in document_batches(documents, BATCH_DOCUMENTS):
         index = np.arange(start, start + _size(batch))

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.config_loading import to_dict
+from pipeline.data.prompts import Prompt, check_lengths, load_prompts, prompts_sha256
 from pipeline.generate.config import GenerateJob
-from pipeline.generate.decode import Sampling
-from pipeline.generate.prompts import Prompt, check_lengths, load_prompts, prompts_sha256
 from pipeline.generate.rows import SUFFIX, GenerationFolder, rows_score
+from pipeline.models.decode import Sampling
 from pipeline.models.device import compute_dtype, resolve_device
 from pipeline.models.hf import load_config_and_tokenizer, max_positions, teacher_identity, tokenizer_sha256
 from storage import Mirror, ShardPlan, ShardRecord, fingerprint, join, plan_shards

@@ -17,9 +17,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.generate.decode import Completion
-from pipeline.generate.prompts import Prompt
+from pipeline.data.prompts import Prompt
 from pipeline.generate.score import task_score
+from pipeline.models.decode import Completion
 from storage import ShardFolder, ShardRecord, atomic_write
 
 SUFFIX = ".parquet"

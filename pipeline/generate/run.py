@@ -16,10 +16,10 @@ from tqdm import tqdm
 from pipeline.config_loading import to_yaml
 from pipeline.dist import world
 from pipeline.generate.config import GenerateJob
-from pipeline.generate.decode import decode, row_seed
 from pipeline.generate.plan import GeneratePlan, make_plan
 from pipeline.generate.rows import rows_table, write_rows
 from pipeline.log import get_logger, progress_bars
+from pipeline.models.decode import decode, row_seed, stop_and_pad
 from pipeline.models.device import dtype_choice, resolve_device
 from pipeline.models.hf import load_model
 from storage import (
@@ -112,9 +112,7 @@ def _write_shard(plan: GeneratePlan, model, shard: ShardPlan, bar: tqdm) -> None
     g, tokenizer = plan.job.generate, plan.tokenizer
     prompts = plan.prompts[shard.start : shard.start + shard.count]
     rows = [(p, s) for p in prompts for s in range(g.samples_per_prompt)]
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+    eos_ids, pad = stop_and_pad(model, tokenizer)
     completions = []
     for lo in range(0, len(rows), g.batch_size):
         batch = rows[lo : lo + g.batch_size]

@@ -77,7 +77,8 @@ class LossConfig:
     temperature: float | None = None
     """KD temperature; re-tempers the cached log-probs when it differs from the cache's. Default: the cache's."""
     teacher_live: str | None = None
-    """Path of a teacher run at every step for full-vocabulary forward KL (the online reference)."""
+    """Path of a teacher run at every step: the loss is then ``kind`` over the full vocabulary, on the cache's
+    sequences (online KD, the cache's yardstick) or on the student's own samples (``online``)."""
 
     def __post_init__(self):
         raise_problems(need(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}"),
@@ -95,6 +96,28 @@ class LiveTeacherConfig:
     """Hub revision (branch, tag or commit) of the live teacher."""
     trust_remote_code: bool = False
     """Allow model code shipped with the live teacher's checkpoint to run. Only enable for repos you trust."""
+
+
+@dataclass
+class OnlineConfig:
+    """``online``: GKD-style online on-policy distillation, the yardstick of staged on-policy rounds. Every step
+    the student completes a batch of prompts and the live teacher (``loss.teacher_live``) scores each completion
+    over the full vocabulary. The cache then serves only the held-out evaluation, the tokenizer and the vocabulary."""
+
+    prompts: DataConfig = field(default_factory=DataConfig)
+    """The prompts, read as ``distillery generate`` reads ``data.*``; the documents that
+    ``prompts.holdout_fraction`` holds out are never trained on. The order is a function of (train.seed, epoch)."""
+    max_new_tokens: int = 48
+    """Longest completion the student writes."""
+    temperature: float = 1.0
+    """Sampling temperature of the student (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus of the student's sampling distribution."""
+
+    def __post_init__(self):
+        raise_problems(need(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"),
+                       need(self.temperature >= 0, "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}"),
+                       need(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}"))
 
 
 @dataclass
@@ -221,12 +244,20 @@ class TrainJob:
     """The distillation objective."""
     live_teacher: LiveTeacherConfig = field(default_factory=LiveTeacherConfig)
     """Loading options of ``loss.teacher_live``."""
+    online: OnlineConfig | None = None
+    """Online on-policy distillation: the student's own samples, scored by ``loss.teacher_live`` every step."""
     device: str = "auto"
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
 
     def __post_init__(self):
-        raise_problems(device_problem(self.device))
-        resolve_phases(self.train, self.loss)
+        phases = resolve_phases(self.train, self.loss)
+        online = self.online is not None
+        raise_problems(device_problem(self.device),
+                       need(not online or all(p.loss.teacher_live and p.loss.kind != "ce" for p in phases),
+                            "online", "needs loss.teacher_live (the teacher that scores the student's samples) and "
+                                      "a KD loss.kind in every phase"),
+                       need(not online or self.train.strategy != "fsdp", "online",
+                            "samples with the whole student, so it does not run under train.strategy=fsdp; use ddp"))
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 
 from pipeline.dist import World, all_reduce_sum
 from pipeline.models.head import LogitHead, hidden_states
-from pipeline.train.losses import cross_entropy, dense_forward_kl, kd_loss
+from pipeline.train.losses import cross_entropy, dense_kd, kd_loss
 from pipeline.train.step import LossFacts, labels_and_masks
 from storage import Cache, open_cache, sequential_batches
 
@@ -145,7 +145,7 @@ def _score(student, pairs: Iterator[tuple[dict, torch.Tensor]], real_vocab: int)
     for batch, t_logits in pairs:
         labels, kd_mask, ce_mask = (t.reshape(-1) for t in labels_and_masks(batch))
         s_logits = head(hidden_states(student, batch["input_ids"]).reshape(labels.shape[0], -1))[:, :real_vocab]
-        metrics.add(s_logits, labels, ce_mask, kd_mask, dense_forward_kl(s_logits, t_logits), t_logits.argmax(-1))
+        metrics.add(s_logits, labels, ce_mask, kd_mask, dense_kd(s_logits, t_logits), t_logits.argmax(-1))
     return metrics.result()
 
 

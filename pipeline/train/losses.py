@@ -205,8 +205,10 @@ def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, real_vocab
     return torch.where(valid, nll, torch.zeros_like(nll))
 
 
-def dense_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Full-vocabulary KL(teacher || student) per position, times T^2: the online reference."""
+def dense_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl", beta: float = 0.5,
+             temperature: float = 1.0) -> torch.Tensor:
+    """Per-position (N,) ``DIVERGENCES[kind]`` over the full vocabulary, times T^2: the online references, where
+    a live teacher gives whole distributions. (N, V) logits of both models, over the same V."""
     t = torch.log_softmax(teacher_logits.float() / temperature, -1)
     s = torch.log_softmax(student_logits.float() / temperature, -1)
-    return (t.exp() * (t - s)).sum(-1) * temperature**2
+    return DIVERGENCES[kind].between(t, s, beta) * temperature**2

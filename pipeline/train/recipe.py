@@ -35,6 +35,7 @@ from pipeline.train.checkpoint import CHECKPOINTS, publish_checkpoint, restore_r
 from pipeline.train.config import LiveTeacherConfig, Phase, StudentConfig, TrainConfig
 from pipeline.train.evaluate import evaluate
 from pipeline.train.metrics import METRICS_NAME, DataWait, MetricsLog, chain_samples
+from pipeline.train.online import OnlineBatches
 from pipeline.train.parallel import full_state_dict, gradient_scale, gradient_sync, resolve_strategy, wrap
 from pipeline.train.resume import result_settings, resume_checkpoint
 from pipeline.train.schedule import lr_at, phase_at
@@ -70,8 +71,9 @@ class TrainingRecipe:
 
     def __init__(self, source: BatchSource, order: StreamOrder, student: StudentConfig, train: TrainConfig,
                  phases: list[Phase], device: str, config_yaml: str, live_teacher: LiveTeacherConfig | None = None,
-                 local_dir: str | None = None):
+                 local_dir: str | None = None, online: OnlineBatches | None = None):
         self.source, self.order, self.student_cfg, self.cfg, self.phases = source, order, student, train, phases
+        self.online = online  # the student's own samples replace the cache's training sequences
         self.device_name, self.config_yaml, self.local_dir = device, config_yaml, local_dir
         self.live_cfg = live_teacher or LiveTeacherConfig()
         self.mirror = Mirror(train.out_dir, local_dir)
@@ -122,7 +124,8 @@ class TrainingRecipe:
         c = self.live_cfg
         self.live = {path: load_model(path, self.device, c.dtype, c.revision, c.trust_remote_code,
                                       key="loss.teacher_live", local_dir=self.local_dir) for path in paths}
-        self.stream = self.source.stream(StreamState(self.step * self.order.global_batch))
+        state = StreamState(self.step * self.order.global_batch)
+        self.stream = self.online.stream(self.model, state) if self.online else self.source.stream(state)
         if found:
             restore_rng(found)
         self.wait = DataWait()

@@ -5,9 +5,12 @@ from pathlib import Path
 
 from pipeline.config_loading import to_yaml
 from pipeline.data.pack import prepare_splits
+from pipeline.data.prompts import load_prompts
 from pipeline.dist import world
 from pipeline.errors import ConfigError
+from pipeline.models.decode import Sampling
 from pipeline.train.config import LossConfig, Phase, PretrainJob, TrainConfig, TrainJob, resolve_phases
+from pipeline.train.online import OnlineBatches
 from pipeline.train.recipe import TrainingRecipe
 from pipeline.train.sources import BatchSource, cache_source, text_source
 from storage import StreamOrder
@@ -46,8 +49,13 @@ def train_from_cache(job: TrainJob) -> Path | str:
     source = cache_source(job.cache, order, job.train.num_workers)
     phases = resolve_phases(job.train, job.loss)
     _check_retempering(source, phases, job.cache.dir)
+    online = None
+    if job.online:
+        o = job.online
+        online = OnlineBatches(load_prompts(o.prompts, source.tokenizer, None), order, source.tokenizer,
+                               Sampling(o.max_new_tokens, o.temperature, o.top_p, job.train.seed))
     recipe = TrainingRecipe(source, order, job.student, job.train, phases, job.device, to_yaml(job),
-                            job.live_teacher, job.cache.local_dir)
+                            job.live_teacher, job.cache.local_dir, online)
     return _run(recipe)
 
 

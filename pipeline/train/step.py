@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.models.head import LogitHead, hidden_states
 from pipeline.train.config import LossConfig
-from pipeline.train.losses import cross_entropy, dense_forward_kl, kd_loss
+from pipeline.train.losses import cross_entropy, dense_kd, kd_loss
 
 
 @dataclass
@@ -79,7 +79,7 @@ def micro_batch_sums(model, head: LogitHead, batch: dict[str, torch.Tensor], los
         if teacher_flat is not None:
             with torch.no_grad():
                 teacher_logits = teacher_head(teacher_flat[lo:hi])[:, : facts.real_vocab]
-            per_token = dense_forward_kl(logits[:, : facts.real_vocab], teacher_logits, temperature)
+            per_token = dense_kd(logits[:, : facts.real_vocab], teacher_logits, loss.kind, loss.beta, temperature)
         else:
             per_token = kd_loss(logits, ids[lo:hi], logprobs[lo:hi], tails[lo:hi], labels[lo:hi], kind=loss.kind,
                                 tail=loss.tail, beta=loss.beta, temperature=temperature,

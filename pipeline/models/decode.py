@@ -61,6 +61,14 @@ def _forward_names(model) -> tuple[str, dict]:
     return ("cache" if "cache" in names else "past_key_values"), last
 
 
+def stop_and_pad(model, tokenizer) -> tuple[set[int], int]:
+    """The ids that end a completion (the generation config's EOS, else the tokenizer's) and the padding id."""
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+    return eos_ids, pad
+
+
 @torch.no_grad()
 def decode(model, prompts: list[tuple[int, ...]], seeds: list[int], sampling: Sampling, eos_ids: set[int],
            pad_id: int) -> list[Completion]:

@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass
 
 from pipeline.data.config import DataConfig
-from pipeline.data.load import document_batches, load_documents
+from pipeline.data.load import count_documents, document_batches, load_documents
+from pipeline.data.sources import BATCH_DOCUMENTS, holdout_indices
 from pipeline.errors import DataError
 
 
@@ -56,20 +57,33 @@ def _encode(cfg: DataConfig, tokenizer, document: dict, index: int) -> Prompt:
     return Prompt(index, ids, source, reference)
 
 
-def load_prompts(cfg: DataConfig, tokenizer, max_prompts: int | None, first: int = 0) -> list[Prompt]:
-    """``max_prompts`` prompts of ``cfg.path`` (all when None) from the ``first`` on, in data order."""
+def load_prompts(cfg: DataConfig, tokenizer, max_prompts: int | None, first: int = 0,
+                 split: str = "train") -> list[Prompt]:
+    """``max_prompts`` prompts of ``split`` (all when None) from its ``first`` on, in data order.
+
+    ``train`` leaves out the documents that ``data.holdout_fraction`` holds out, so that nothing trained on is
+    scored; ``eval`` takes only those, or ``data.eval_path``. A prompt keeps its index in the whole data."""
     column = {"chat": "messages_field", "prompt_response": "prompt_field", "text": "text_field"}[cfg.format]
     optional = (cfg.response_field,) if cfg.format == "prompt_response" else ()
-    documents = load_documents(cfg.path, cfg.split, {column: getattr(cfg, column)}, cfg.streaming, optional=optional)
+    separate = split == "eval" and cfg.eval_path
+    path, key = (cfg.eval_path, "data.eval_path") if separate else (cfg.path, "data.path")
+    documents = load_documents(path, cfg.eval_split or cfg.split if separate else cfg.split,
+                               {column: getattr(cfg, column)}, cfg.streaming, key, optional=optional)
+    held = None
+    if cfg.holdout_fraction > 0:
+        held = set(holdout_indices(count_documents(documents, BATCH_DOCUMENTS), cfg.holdout_fraction, cfg.seed).tolist())
+    elif split == "eval" and not separate:
+        raise DataError("held-out prompts need data.holdout_fraction > 0 or data.eval_path; set one of them")
     prompts: list[Prompt] = []
     rows = (dict(zip(batch, values)) for batch in document_batches(documents, 256) for values in zip(*batch.values()))
-    for index, row in enumerate(rows):
+    in_split = ((i, row) for i, row in enumerate(rows) if held is None or (i in held) == (split == "eval"))
+    for position, (index, row) in enumerate(in_split):
         if max_prompts is not None and len(prompts) >= max_prompts:
             break
-        if index >= first:
+        if position >= first:
             prompts.append(_encode(cfg, tokenizer, row, index))
     if not prompts:
-        raise DataError(f"data.path {cfg.path!r} holds no prompts from prompt {first} on")
+        raise DataError(f"{key} {path!r} holds no {split} prompts from prompt {first} on")
     return prompts
 
 
