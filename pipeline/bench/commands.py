@@ -24,8 +24,16 @@ def _study(args) -> int:
     return 0
 
 
+def _study_on_policy(args) -> int:
+    from pipeline.bench.on_policy_study import run_on_policy_study
+
+    work = Path(args.work or f"{args.out}-work")
+    print(run_on_policy_study(Path(args.out), work, Path(args.teacher), quick=args.quick, device=args.device))
+    return 0
+
+
 def add_parsers(commands) -> None:
-    """Add ``bench`` and ``study`` to the CLI's subparsers."""
+    """Add ``bench``, ``study`` and ``study-on-policy`` to the CLI's subparsers."""
     bench = commands.add_parser("bench", help="run the benchmarks; write results.json and results.md")
     bench.add_argument("--out", required=True, help="output directory")
     bench.add_argument("--quick", action="store_true", help="tiny smoke run, not a timing")
@@ -45,3 +53,12 @@ def add_parsers(commands) -> None:
                        help="after this study, train the runs of this teacher's study (repeatable) that no other "
                             "process has claimed, in the same --work; its own `distillery study` reports them")
     study.set_defaults(run=_study)
+    on_policy = commands.add_parser("study-on-policy", help="does staged on-policy distillation correct errors? "
+                                    "six arms on the verse recitations (`make study-on-policy`)")
+    on_policy.add_argument("--out", required=True, help="output directory: results.json, results.md and a plot")
+    on_policy.add_argument("--teacher", required=True, help="the demo teacher folder, fine-tuned first on the task")
+    on_policy.add_argument("--work", help="teacher, students, caches and runs, kept so that a rerun continues "
+                                          "(default: <out>-work)")
+    on_policy.add_argument("--quick", action="store_true", help="tiny smoke run, not a result")
+    on_policy.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    on_policy.set_defaults(run=_study_on_policy)

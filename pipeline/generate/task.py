@@ -69,3 +69,21 @@ def own_sample_reverse_kl(student, teacher, tokenizer, prompts: list[Prompt], ma
         total += float((q.exp() * (q - p)).sum())
         tokens += len(completion.ids)
     return total / max(tokens, 1)
+
+
+@torch.no_grad()
+def policy_drift(model, rows: list[dict]) -> float:
+    """Mean over the rows' generated tokens of log pi_gen(y_t) - log pi_model(y_t), where pi_gen is the model
+    that wrote them (``completion_logprobs``). For completions sampled at temperature 1 without top-p, it is an
+    unbiased estimate of the per-token KL(pi_gen || model) along pi_gen's trajectories: how far ``model`` has moved
+    from the policy whose samples it trains on (the staleness of a round)."""
+    device = model.get_input_embeddings().weight.device
+    total, tokens = 0.0, 0
+    for row in rows:
+        prompt, completion = list(row["prompt_ids"]), list(row["completion_ids"])
+        ids = torch.tensor([prompt + completion], device=device)
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+        now = logprobs.gather(-1, ids[0, len(prompt):, None])[:, 0]
+        total += float(sum(row["completion_logprobs"]) - now.sum())
+        tokens += len(completion)
+    return total / max(tokens, 1)

@@ -132,8 +132,11 @@ def round_name(index: int) -> str:
 
 
 def generation_dir(job: RunJob, index: int) -> str:
-    """Round ``index``'s ``generate.out_dir``, inside the run directory."""
-    return str(join(job.run.dir, round_name(index), "generations"))
+    """Round ``index``'s generation folder: its ``generate.out_dir``, or ``round-N/generations``. A named folder
+    may be shared by several runs: its fingerprint makes a second run with the same model, prompts and sampling
+    a hit."""
+    named = job_round(job, index).get("generate", {}).get("out_dir")
+    return str(join(named)) if named else str(join(job.run.dir, round_name(index), "generations"))
 
 
 def train_dir(job: RunJob, index: int) -> str:
