@@ -11,7 +11,7 @@ SMOLLM2_GGUF := SmolLM2-135M-Instruct.Q4_1.gguf
 # on CPU machines. On a GPU machine the same pin installs the CUDA wheel.
 TORCH := torch==2.13.0
 
-.PHONY: install test demo demo-banner demo-small real-teacher demo-teacher bench bench-smoke study study-demo-teacher study-smollm2 chaos lint clean
+.PHONY: install test demo demo-banner demo-small real-teacher demo-teacher bench bench-smoke study study-demo-teacher study-smollm2 study-on-policy chaos lint clean
 
 install: $(VENV)/.installed
 
@@ -70,6 +70,12 @@ study-demo-teacher study-smollm2: study-%:
 	OMP_NUM_THREADS=1 $(BIN)/distillery study --out study-results/$* --work runs/study \
 	  --teacher $(if $(filter smollm2,$*),$(REAL)/teacher-hf,$(DEMO)/teacher/final \
 	  --help-with $(REAL)/teacher-hf) $(STUDY_FLAGS)
+
+# Does staged on-policy distillation correct errors? Six arms on the verse recitations, 3 seeds each, with the demo
+# teacher fine-tuned on them: results in study-results/on-policy/ (committed), work kept in runs/study-on-policy.
+study-on-policy: demo-teacher
+	$(BIN)/distillery study-on-policy --out study-results/on-policy --work runs/study-on-policy \
+	  --teacher $(DEMO)/teacher/final
 
 # The slow runs of benchmark code that `make test` skips: `distillery bench --quick` end to end (a smoke test of
 # every section, never a timing) and the stage-1 peak-RSS check: about 3 min on 2 cores.

@@ -197,3 +197,16 @@ def _first_online_loss(root: Path, teacher_dir: Path) -> float:
             total += float((q.exp() * (q - p)).sum())
             tokens += len(completion.ids)
     return total / tokens
+
+
+def test_a_round_may_name_a_shared_generation_folder_that_its_cache_then_reads(tmp_path):
+    from pipeline.config_loading import build_config
+    from pipeline.rounds.config import cache_job, generate_job, generation_dir
+
+    config = {"run": {"dir": str(tmp_path / "run")}, "teacher": {"model": "t"},
+              "data": {"path": "qa.jsonl", "format": "chat"}, "cache": {"root": str(tmp_path / "caches")},
+              "rounds": [{"student": {"model": "s"}, "generate": {"by": "teacher"}},
+                         {"student": {"model": "s"}, "generate": {"by": "teacher", "out_dir": str(tmp_path / "shared")}}]}
+    job = build_config(RunJob, config)
+    assert generation_dir(job, 1) == str(tmp_path / "run" / "round-1" / "generations")
+    assert generate_job(job, 2).generate.out_dir == cache_job(job, 2).data.path == str(tmp_path / "shared")
