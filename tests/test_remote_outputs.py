@@ -180,3 +180,38 @@ def test_a_run_on_s3_teaches_round_two_with_round_ones_upload(bucket, tmp_path, 
     printed = output(capfd, caplog)
     assert "round 2 train done" in " ".join(printed.split())
     assert_no_credentials(bucket, [tmp_path / "work", tmp_path / "read", temp_dir], printed)
+
+
+def test_an_on_policy_run_on_s3_generates_with_round_ones_uploaded_student(bucket, tmp_path, temp_dir, llama_dir,
+                                                                            tokenizer_dir):
+    import gzip
+
+    from pipeline.demo.init_model import build_model
+    from pipeline.demo.tokenizer import QA_CORPUS
+
+    prompts = tmp_path / "qa.jsonl"
+    with gzip.open(QA_CORPUS, "rt") as source:
+        prompts.write_text("".join(next(source) for _ in range(16)))
+    student = build_model(tokenizer_dir, tmp_path / "student", arch="llama", hidden=16, layers=1, heads=2,
+                          max_positions=256)
+    config = {"run": {"dir": f"{bucket}/op"}, "teacher": {"model": str(llama_dir)},
+              "data": {"path": str(prompts), "format": "chat", "seq_len": 32, "holdout_fraction": 0.25},
+              "cache": {"root": f"{bucket}/caches", "local_dir": str(tmp_path / "work"), "mode": "topk", "top_k": 4},
+              "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 0, "eval_every": 0, "warmup_steps": 1},
+              "loss": {"kind": "reverse_kl"},
+              "on_policy": {"rounds": 2, "prompts_per_round": 6, "student": {"model": str(student)},
+                            "generate": {"max_new_tokens": 6, "batch_size": 6, "dtype": "fp32"}},
+              "device": "cpu"}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main(["run", "--config", str(path)]) == 0
+    run = f"{bucket}/op"
+    state = json.loads(remote.read_bytes(f"{run}/state.json"))["rounds"]
+    assert all(state[r][s]["status"] == "done" for r in ("1", "2") for s in ("generate", "cache", "train"))
+    assert state["2"]["generate"]["model"] == f"{run}/round-1/train/final"
+    for index in (1, 2):
+        manifest = json.loads(remote.read_bytes(f"{run}/round-{index}/generations/manifest.json"))
+        assert manifest["rows"] == 6
+        assert json.loads(remote.read_bytes(state[str(index)]["cache"]["dir"] + "/manifest.json"))["dataset"][
+            "generation"]["fingerprint"] == manifest["fingerprint"]
+    assert "| 2 |" in remote.read_bytes(f"{run}/report.md").decode()

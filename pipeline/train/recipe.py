@@ -93,7 +93,7 @@ class TrainingRecipe:
         init_process_group(self.world, single_process_group=self.strategy != "single")
         self.precision = compute_dtype(self.cfg.precision, self.device, allow_fp16=False)
         self._lock_out_dir()
-        self.model = build_student(self.student_cfg, self.source.vocab_size, self.source.tokenizer)
+        self.model = build_student(self.student_cfg, self.source.vocab_size, self.source.tokenizer, self.local_dir)
         self.model = self.model.to(self.device).train()
         self.engine = wrap(self.model, self.strategy, self.device, self.world)
         self.head = LogitHead.of(self.model)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError, TeacherError
-from pipeline.models.hf import load_failure, tokenizer_sha256
+from pipeline.models.hf import load_failure, local_model, tokenizer_sha256
 from pipeline.train.config import StudentConfig
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")
@@ -41,17 +41,19 @@ def _select_layers(model, keep: list[int]):
     return model
 
 
-def build_student(cfg: StudentConfig, cache_vocab: int, tokenizer) -> nn.Module:
-    """The student model in fp32, checked against the cache's vocabulary and tokenizer."""
+def build_student(cfg: StudentConfig, cache_vocab: int, tokenizer, local_dir: str | None = None) -> nn.Module:
+    """The student model in fp32, checked against the cache's vocabulary and tokenizer. A model at a URL (the
+    previous round's uploaded ``final/``) is loaded from a local copy under ``local_dir``."""
     from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if cfg.model or cfg.from_teacher:
-        path = cfg.model or cfg.from_teacher
+        name = cfg.model or cfg.from_teacher
+        path = local_model(name, local_dir, key="student.model" if cfg.model else "student.from_teacher")
         try:
             own = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         except (OSError, ValueError) as exc:
-            raise TeacherError(f"student model {path!r} could not be loaded: {load_failure(exc)}") from exc
+            raise TeacherError(f"student model {name!r} could not be loaded: {load_failure(exc)}") from exc
         if tokenizer_sha256(own) != tokenizer_sha256(tokenizer):
             raise ConfigError(
                 f"the tokenizer of student {path!r} (sha256 {tokenizer_sha256(own)[:12]}) differs from the cache's "
