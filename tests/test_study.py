@@ -132,11 +132,11 @@ def test_a_missing_teacher_folder_is_one_line_before_any_work(tmp_path, capsys, 
 
 @pytest.mark.bench_smoke  # about 40 s on a 2-core Zen 4 EPYC
 def test_quick_on_policy_study_writes_every_arm(tmp_path, llama_dir):
-    from pipeline.bench.on_policy_study import ARMS, QUICK, run_on_policy_study
+    from pipeline.bench.on_policy_study import ARMS, QUICK, STALENESS_ARM, run_on_policy_study
 
     results = run_on_policy_study(tmp_path / "out", tmp_path / "work", llama_dir, quick=True, device="cpu")
     assert sorted(p.name for p in results.parent.iterdir()) == ["on_policy.png", "results.json", "results.md"]
     data = json.loads((results.parent / "results.json").read_text())
-    assert [row["arm"] for row in data["summary"]] == ["teacher", "student0", *ARMS]
+    assert [row["arm"] for row in data["summary"]] == ["teacher", "student0", *ARMS, STALENESS_ARM]
     assert all(r["reverse_kl_own"] >= 0 and 0 <= r["task_chrf"] <= 1 for r in data["records"])
-    assert [len(d) - 1 for d in data["drift"]] == [QUICK.rounds] * QUICK.key_seeds
+    assert [len(d) - 2 for d in data["drift"]] == [QUICK.rounds] * QUICK.key_seeds + [1]

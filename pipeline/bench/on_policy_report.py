@@ -115,13 +115,18 @@ def score_students(runs: list[dict], context: dict) -> list[dict]:
         records.append({"arm": name, "seed": 0, **_measures(model, tokenizer, teacher, prompts, context),
                         "heldout_kl": kl, "teacher_tokens": None, "student_s": None, "teacher_s": None})
     for run in runs:
+        kept = Path(run["run_dir"]) / "scores.json"
+        if kept.is_file() and json.loads(kept.read_text())["final"] == run["final"]:
+            records.append(json.loads(kept.read_text())["record"])  # a rerun scores only new runs
+            continue
         model, _ = _load(run["final"])
         record = {"arm": run["arm"], "seed": run["seed"], **_measures(model, tokenizer, teacher, prompts, context),
                   "heldout_kl": score_against_teacher(Path(run["final"]), context["teacher"], references)["kl"],
                   **_costs(run, built)}
-        if run["arm"] == "staged_on_policy":
+        if run["arm"].startswith("staged_on_policy"):
             record["drift_per_round"] = _drift(run, DRIFT_ROWS)
         log.info(f"scored {run['arm']} seed {run['seed']}: {record}")
+        write_text(kept, json.dumps({"final": run["final"], "record": record}, indent=2) + "\n")
         records.append(record)
     return records
 
@@ -171,7 +176,7 @@ def write_outputs(out: Path, records: list[dict], context: dict) -> Path:
     """``results.json``, ``results.md`` and the plot; return ``results.md``."""
     out.mkdir(parents=True, exist_ok=True)
     rows = summary(records)
-    drift = [{"seed": r["seed"], **{f"round {i + 1}": d for i, d in enumerate(r["drift_per_round"])}}
+    drift = [{"arm": r["arm"], "seed": r["seed"], **{f"round {i + 1}": d for i, d in enumerate(r["drift_per_round"])}}
              for r in records if "drift_per_round" in r]
     plot = _plot(out, records)
     p = context["profile"]
@@ -185,7 +190,7 @@ def write_outputs(out: Path, records: list[dict], context: dict) -> Path:
              "prompts. Medians over seeds; spread = max - min.", "",
              markdown_table(rows, ["arm", "seeds", *MEASURES, "task_chrf_spread", "reverse_kl_own_spread"]), "",
              "### Staleness: drift of each round's final student from the policy that wrote the round's samples "
-             "(per-token KL estimate, nats)", "", markdown_table(drift, list(drift[0]) if drift else ["seed"]), "",
+             "(per-token KL estimate, nats)", "", markdown_table(drift, ["arm", "seed", *(f"round {i + 1}" for i in range(p.rounds))]), "",
              f"![arms]({plot})", ""]
     write_text(out / "results.md", "\n".join(lines))
     return out / "results.md"

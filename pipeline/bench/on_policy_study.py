@@ -12,6 +12,9 @@ arm trains it for the same number of optimizer steps with the same batch:
 5. ``staged_on_policy``: ``on_policy`` rounds; each round the student writes, the teacher's cache scores it;
 6. ``online_on_policy``: ``online`` in ``distillery train``; the student samples and a live teacher scores, every step.
 
+``staged_on_policy_1_round`` measures the staleness that short rounds avoid: one round, in which the starting
+student writes all the prompts of the K rounds at once and then trains for all the steps (one seed).
+
 The KD arms share one divergence (``LOSS``) and one top-k cache setting. Every run is a ``distillery run`` (or a
 ``distillery train`` for the online arm) in the work folder, so a rerun skips what is complete, and caches and
 generations that do not depend on the seed are built once and hit by the other seeds.
@@ -38,6 +41,7 @@ log = get_logger("study")
 ARMS = ("sft_references", "kd_references", "sft_teacher_generations", "kd_teacher_generations", "staged_on_policy",
         "online_on_policy")
 KEY_ARMS = ("kd_references", "kd_teacher_generations", "staged_on_policy", "online_on_policy")
+STALENESS_ARM = "staged_on_policy_1_round"
 LOSS = "reverse_kl"
 """One divergence for every KD arm, the on-policy standard, so that the arms differ by their data alone."""
 
@@ -114,8 +118,10 @@ def _run_config(name: str, seed: int, context: dict) -> dict:
         config["rounds"] = [{"student": start, "generate": {**generate, "by": "teacher", "seed": 0, "out_dir": shared},
                              **ce}]
     else:
-        config["on_policy"] = {"rounds": p.rounds, "prompts_per_round": p.prompts_per_round, "student": start,
-                               "generate": {**generate, "seed": seed}, "train": {"steps": p.steps // p.rounds}}
+        rounds = 1 if name == STALENESS_ARM else p.rounds
+        config["on_policy"] = {"rounds": rounds, "prompts_per_round": p.prompts_per_round * p.rounds // rounds,
+                               "student": start, "generate": {**generate, "seed": seed},
+                               "train": {"steps": p.steps // rounds}}
     return config
 
 
@@ -163,5 +169,6 @@ def run_on_policy_study(out: Path, work: Path, base_teacher: Path, quick: bool =
                 runs.append(run_arm(name, seed, context))
                 if name == "kd_references":
                     context["references_cache"] = runs[-1]["rounds"]["1"]["cache"]["dir"]
+    runs.append(run_arm(STALENESS_ARM, 0, context))
     records = score_students(runs, context)
     return write_outputs(out, records, context)
