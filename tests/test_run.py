@@ -252,3 +252,18 @@ def test_slurm_templates_render_to_valid_bash(tmp_path, first_run):
     assert "--nproc_per_node 2" in paths[2].read_text()
     submit = paths[3].read_text()
     assert submit.index("prepare.sbatch") < submit.index('afterok:"$prepare_job" "') < submit.index("cache_array")
+
+
+def test_a_run_dir_with_recorded_work_refuses_another_config(first_run, capfd):
+    root, config = first_run
+    before = (root / "run" / "config.yaml").read_text()
+    changed = root / "changed.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["train"]["lr"] = 0.5
+    changed.write_text(yaml.safe_dump(data))
+    capfd.readouterr()
+    assert cli.main(["run", "--config", str(changed)]) == 2
+    error = [line for line in capfd.readouterr().err.splitlines() if "error" in line]
+    assert len(error) == 1 and f"run.dir {root / 'run'} holds a run of another config" in error[0]
+    assert "train.lr" in error[0] and "use a new run.dir" in error[0]
+    assert (root / "run" / "config.yaml").read_text() == before

@@ -15,7 +15,7 @@ arm trains it for the same number of optimizer steps with the same batch:
 ``staged_on_policy_1_round`` measures the staleness that short rounds avoid: one round, in which the starting
 student writes all the prompts of the K rounds at once and then trains for all the steps (one seed).
 
-The KD arms share one divergence (``LOSS``) and one top-k cache setting. Every run is a ``distillery run`` (or a
+The KD arms share one divergence (``LOSS``) and one cache setting (``CACHE``). Every run is a ``distillery run`` (or a
 ``distillery train`` for the online arm) in the work folder, so a rerun skips what is complete, and caches and
 generations that do not depend on the seed are built once and hit by the other seeds.
 """
@@ -42,8 +42,11 @@ ARMS = ("sft_references", "kd_references", "sft_teacher_generations", "kd_teache
         "online_on_policy")
 KEY_ARMS = ("kd_references", "kd_teacher_generations", "staged_on_policy", "online_on_policy")
 STALENESS_ARM = "staged_on_policy_1_round"
-LOSS = "reverse_kl"
-"""One divergence for every KD arm, the on-policy standard, so that the arms differ by their data alone."""
+LOSS = "forward_kl"
+"""One divergence for every KD arm, so that the arms differ by their data alone. Forward KL on a sample cache is
+unbiased; reverse KL on a top-32 cache, the first choice, let the student spread the tail bucket's mass anywhere
+(see the README's first run)."""
+CACHE = {"mode": "sample", "samples": 50}
 
 
 @dataclass(frozen=True)
@@ -63,13 +66,12 @@ class Profile:
     """Fine-tuning steps of the teacher on the recitations."""
     student_steps: int = 200
     """Pretraining steps of ``student0`` on the KJV text."""
-    top_k: int = 32
     student: tuple = tuple(STUDENT.items())
 
 
 FULL = Profile()
 QUICK = Profile(steps=4, batch=2, rounds=2, prompts_per_round=8, max_new_tokens=6, eval_prompts=3, key_seeds=1,
-                teacher_steps=2, student_steps=2, top_k=8,
+                teacher_steps=2, student_steps=2,
                 student=tuple({**STUDENT, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
                                "num_attention_heads": 2, "num_key_value_heads": 2}.items()))
 
@@ -81,7 +83,10 @@ def data_settings(quick: bool) -> dict:
 
 
 def _pretrain(out: Path, data: dict, model: dict, steps: int, batch: int, lr: float, device: str) -> Path:
-    """A model trained with CE on ``data`` (kept: a second call finds ``final/`` complete)."""
+    """A model trained with CE on ``data``, kept: a second call finds its ``final/`` and trains nothing (without
+    checkpoints, ``distillery pretrain`` itself would start over)."""
+    if (out / "final" / "config.json").is_file():
+        return out / "final"
     job = build_config(PretrainJob, {"data": data, "tokenizer": model.pop("tokenizer"), "student": model,
                                      "train": {"out_dir": str(out), "steps": steps, "batch_size": batch, "lr": lr,
                                                "warmup_steps": min(20, steps // 4), "eval_every": 0,
@@ -106,7 +111,7 @@ def _run_config(name: str, seed: int, context: dict) -> dict:
     generate = {"max_new_tokens": p.max_new_tokens, "temperature": 1.0, "batch_size": 32}
     config = {"run": {"dir": str(context["work"] / "runs" / f"{name}-seed{seed}")},
               "teacher": {"model": str(context["teacher"])}, "data": data_settings(context["quick"]),
-              "cache": {"root": str(context["work"] / "caches"), "mode": "topk", "top_k": p.top_k, "shard_size": 64},
+              "cache": {"root": str(context["work"] / "caches"), **CACHE, "shard_size": 64},
               "train": {"steps": p.steps, "batch_size": p.batch, "lr": 1e-3, "warmup_steps": 10, "eval_every": 0,
                         "checkpoint_every": 0, "log_every": 5, "seed": seed},
               "loss": {"kind": LOSS}, "device": context["device"]}

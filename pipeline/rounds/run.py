@@ -38,8 +38,9 @@ from pipeline.rounds.config import (
     train_dir,
     train_job,
 )
-from pipeline.rounds.state import STATE_NAME, stage_lock, stage_record, update_stage
+from pipeline.rounds.state import STATE_NAME, read_state, stage_lock, stage_record, update_stage
 from pipeline.train.recipe import final_exists
+from pipeline.train.resume import changed_settings, result_settings
 from pipeline.train.run import train_from_cache
 from storage import CONFIG_NAME, CacheNotFoundError, Mirror, join, write_text
 
@@ -104,6 +105,17 @@ def _train_stage(job: RunJob, index: int) -> None:
         update_stage(run, index, "train", status="done", final=str(final))
 
 
+def _refuse_another_config(run: Mirror, config_yaml: str) -> None:
+    """A run directory that has recorded work keeps its config: a complete stage is skipped, so a changed setting
+    would silently be ignored for it and applied to the rest."""
+    if not run.pull(CONFIG_NAME) or not read_state(run)["rounds"]:
+        return
+    diff = changed_settings(result_settings((run.local / CONFIG_NAME).read_text()), result_settings(config_yaml))
+    if diff:
+        raise ConfigError(f"run.dir {run.name} holds a run of another config ({diff}); continuing would mix two "
+                          "configurations: use a new run.dir, or delete this one to start over")
+
+
 def run_pipeline(job: RunJob, round_index: int | None = None, stage: str | None = None,
                  num_tasks: int = 1, task_index: int = 0) -> Path | str:
     """Run the selected rounds and stages (all by default), skipping complete work; return ``run.dir``."""
@@ -112,6 +124,7 @@ def run_pipeline(job: RunJob, round_index: int | None = None, stage: str | None 
     run = run_mirror(job)
     run.local.mkdir(parents=True, exist_ok=True)
     run.pull(STATE_NAME)  # what other jobs recorded
+    _refuse_another_config(run, to_yaml(job))
     rank = world().rank
     if rank == 0:
         write_text(run.local / CONFIG_NAME, to_yaml(job))

@@ -62,14 +62,19 @@ def result_settings(config_yaml: str) -> dict[str, str]:
     return {k: v for k, v in _flatten(yaml.safe_load(config_yaml)).items() if k not in FREE_ON_RESUME}
 
 
+def changed_settings(before: dict[str, str], after: dict[str, str]) -> str:
+    """``key: old -> new`` for every setting that differs, joined with ``; `` (empty when none does)."""
+    changed = sorted(k for k in {*before, *after} if before.get(k) != after.get(k))
+    return "; ".join(f"{k}: {before.get(k, 'unset')} -> {after.get(k, 'unset')}" for k in changed)
+
+
 def check_resumable(path: Path, state: dict, order: StreamOrder, settings: dict[str, str]) -> None:
     """Refuse a checkpoint from another configuration, or whose global batch differs from this job's."""
     if "global_batch" not in state or "settings" not in state:
         raise ConfigError(f"checkpoint {path} predates elastic resume and settings checks; "
                           "train into a new train.out_dir or set train.resume=never")
-    changed = sorted(k for k in {*settings, *state["settings"]} if settings.get(k) != state["settings"].get(k))
-    if changed:
-        diff = "; ".join(f"{k}: {state['settings'].get(k, 'unset')} -> {settings.get(k, 'unset')}" for k in changed)
+    diff = changed_settings(state["settings"], settings)
+    if diff:
         raise ConfigError(f"checkpoint {path} was trained with other settings ({diff}); resuming would mix two "
                           "configurations: set train.resume=never to start over, or use a new train.out_dir")
     if state["global_batch"] != order.global_batch:
