@@ -163,6 +163,10 @@ def _plot(out: Path, records: list[dict]) -> str:
             values = [r[key] for r in records if r["arm"] == arm]
             axis.bar(x, statistics.median(values), color="tab:orange" if "on_policy" in arm else "tab:blue")
             axis.scatter([x] * len(values), values, color="black", s=10, zorder=3)
+        teacher = [r[key] for r in records if r["arm"] == "teacher"]
+        if teacher and key == "task_chrf":
+            axis.axhline(teacher[0], linestyle="--", color="grey", label="teacher")
+            axis.legend(fontsize=7)
         axis.set_xticks(range(len(arms)), [a.replace("_", "\n") for a in arms], fontsize=7)
         axis.set_title(label, fontsize=9)
     name = "on_policy.png"

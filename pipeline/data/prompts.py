@@ -87,15 +87,18 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompts: int | None, first: int
     return prompts
 
 
-def check_lengths(prompts: list[Prompt], max_new_tokens: int, positions: int | None) -> None:
-    """Refuse a prompt that leaves no room for ``max_new_tokens`` within the model's positions."""
+def check_lengths(prompts: list[Prompt], max_new_tokens: int, positions: int | None,
+                  keys: tuple[str, str] = ("data.path", "generate.max_new_tokens")) -> None:
+    """Refuse a prompt that leaves no room for ``max_new_tokens`` within the model's positions; ``keys`` name the
+    settings of the prompts and of ``max_new_tokens`` in the message."""
     if positions is None:
         return
+    path, tokens = keys
     for prompt in prompts:
         if len(prompt.ids) + max_new_tokens > positions:
-            raise DataError(f"data.path: prompt {prompt.index} has {len(prompt.ids)} tokens, and with "
-                            f"generate.max_new_tokens={max_new_tokens} it exceeds the model's {positions} positions; "
-                            "shorten the prompt or lower generate.max_new_tokens")
+            raise DataError(f"{path}: prompt {prompt.index} has {len(prompt.ids)} tokens, and with "
+                            f"{tokens}={max_new_tokens} it exceeds the model's {positions} positions; "
+                            f"shorten the prompt or lower {tokens}")
 
 
 def prompts_sha256(prompts: list[Prompt]) -> str:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from pipeline.config_loading import to_yaml
 from pipeline.data.pack import prepare_splits
-from pipeline.data.prompts import load_prompts
+from pipeline.data.prompts import check_lengths, load_prompts
 from pipeline.dist import world
 from pipeline.errors import ConfigError
 from pipeline.models.decode import Sampling
@@ -13,6 +13,7 @@ from pipeline.train.config import LossConfig, Phase, PretrainJob, TrainConfig, T
 from pipeline.train.online import OnlineBatches
 from pipeline.train.recipe import TrainingRecipe
 from pipeline.train.sources import BatchSource, cache_source, text_source
+from pipeline.train.student import student_positions
 from storage import StreamOrder
 
 
@@ -50,9 +51,12 @@ def train_from_cache(job: TrainJob) -> Path | str:
     phases = resolve_phases(job.train, job.loss)
     _check_retempering(source, phases, job.cache.dir)
     online = None
-    if job.online:
+    if job.online:  # the prompts are read and checked before any weights load
         o = job.online
-        online = OnlineBatches(load_prompts(o.prompts, source.tokenizer, None), order, source.tokenizer,
+        prompts = load_prompts(o.prompts, source.tokenizer, None)
+        check_lengths(prompts, o.max_new_tokens, student_positions(job.student, job.cache.local_dir),
+                      ("online.prompts.path", "online.max_new_tokens"))
+        online = OnlineBatches(prompts, order, source.tokenizer,
                                Sampling(o.max_new_tokens, o.temperature, o.top_p, job.train.seed))
     recipe = TrainingRecipe(source, order, job.student, job.train, phases, job.device, to_yaml(job),
                             job.live_teacher, job.cache.local_dir, online)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError, TeacherError
-from pipeline.models.hf import load_failure, local_model, tokenizer_sha256
+from pipeline.models.hf import load_failure, local_model, max_positions, tokenizer_sha256
 from pipeline.train.config import StudentConfig
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")
@@ -79,6 +79,20 @@ def build_student(cfg: StudentConfig, cache_vocab: int, tokenizer, local_dir: st
             raise ConfigError(f"student.config: {' '.join(str(exc).split())[:300]}") from exc
     check_vocab(model, cache_vocab, len(tokenizer))
     return model
+
+
+def student_positions(cfg: StudentConfig, local_dir: str | None = None) -> int | None:
+    """The positions the student will have, read from its config alone (no weights); None where that config
+    cannot be read yet (``build_student`` then says why)."""
+    from transformers import AutoConfig
+
+    try:
+        if cfg.config:
+            fields = dict(cfg.config)
+            return max_positions(AutoConfig.for_model(fields.pop("model_type"), **fields))
+        return max_positions(AutoConfig.from_pretrained(local_model(cfg.model or cfg.from_teacher, local_dir)))
+    except (OSError, ValueError, KeyError, TeacherError):
+        return None
 
 
 def check_vocab(model, cache_vocab: int, tokenizer_length: int) -> None:
