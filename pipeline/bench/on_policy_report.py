@@ -195,6 +195,8 @@ def write_outputs(out: Path, records: list[dict], context: dict) -> Path:
              markdown_table(rows, ["arm", "seeds", *MEASURES, "task_chrf_spread", "reverse_kl_own_spread"]), "",
              "### Staleness: drift of each round's final student from the policy that wrote the round's samples "
              "(per-token KL estimate, nats)", "", markdown_table(drift, ["arm", "seed", *(f"round {i + 1}" for i in range(p.rounds))]), "",
+             "teacher_s counts the generations and caches that this study's runs built, each once per arm that uses "
+             "it; a folder reused from an earlier call of the study (a hit) counts 0.", "",
              f"![arms]({plot})", ""]
     write_text(out / "results.md", "\n".join(lines))
     return out / "results.md"
