@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 
 from pipeline.bench.run import markdown_table
 from pipeline.bench.study_report import machine
+from pipeline.config_loading import build_config
+from pipeline.data.config import DataConfig
 from pipeline.generate.task import answer_score, held_out_prompts, own_sample_reverse_kl, policy_drift
 from pipeline.log import get_logger
 from pipeline.train.evaluate import score_against_teacher
@@ -99,13 +101,8 @@ def _measures(student, tokenizer, teacher, prompts, context: dict) -> dict:
 
 def score_students(runs: list[dict], context: dict) -> list[dict]:
     """One record per run, plus the starting student and the teacher as reference rows."""
-    from pipeline.bench.on_policy_study import data_settings
-    from pipeline.config_loading import build_config
-    from pipeline.data.config import DataConfig
-
     teacher, tokenizer = _load(str(context["teacher"]))
-    prompts = held_out_prompts(build_config(DataConfig, data_settings(context["quick"])), tokenizer,
-                               context["profile"].eval_prompts)
+    prompts = held_out_prompts(build_config(DataConfig, context["data"]), tokenizer, context["profile"].eval_prompts)
     references = context["references_cache"]
     built = _build_seconds(runs)
     records = []

@@ -165,7 +165,7 @@ def run_on_policy_study(out: Path, work: Path, base_teacher: Path, quick: bool =
     work.mkdir(parents=True, exist_ok=True)
     teacher, student0 = prepare(work, base_teacher, profile, quick, device)
     context = {"profile": profile, "work": work, "teacher": teacher, "student0": student0, "quick": quick,
-               "device": device}
+               "device": device, "data": data_settings(quick)}
     runs = []
     for seed in range(profile.key_seeds):
         for name in ARMS:
