@@ -32,18 +32,18 @@ def _chat_prompt(messages: list[dict], index: int, field: str) -> tuple[list[dic
     """The turns up to the last user turn, and the content of an assistant turn right after it."""
     users = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"]
     if not users:
-        raise DataError(f"data.{field}: conversation {index} has no user turn to answer; give each a user turn")
+        raise DataError(f"{field}: conversation {index} has no user turn to answer; give each a user turn")
     last = users[-1]
     after = messages[last + 1] if last + 1 < len(messages) else None
     reference = after.get("content") if isinstance(after, dict) and after.get("role") == "assistant" else None
     return messages[: last + 1], reference
 
 
-def _encode(cfg: DataConfig, tokenizer, document: dict, index: int) -> Prompt:
+def _encode(cfg: DataConfig, tokenizer, document: dict, index: int, section: str) -> Prompt:
     if cfg.format == "chat":
         if not getattr(tokenizer, "chat_template", None):
-            raise DataError("data.format=chat needs a tokenizer with a chat_template; this tokenizer has none")
-        turns, reference = _chat_prompt(document[cfg.messages_field], index, "messages_field")
+            raise DataError(f"{section}.format=chat needs a tokenizer with a chat_template; this tokenizer has none")
+        turns, reference = _chat_prompt(document[cfg.messages_field], index, f"{section}.messages_field")
         text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         source = {"messages": turns}
     else:
@@ -53,27 +53,28 @@ def _encode(cfg: DataConfig, tokenizer, document: dict, index: int) -> Prompt:
         source = {"prompt": text}
     ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
     if not ids:
-        raise DataError(f"data.path: prompt {index} is empty; remove it or give it text")
+        raise DataError(f"{section}.path: prompt {index} is empty; remove it or give it text")
     return Prompt(index, ids, source, reference)
 
 
 def load_prompts(cfg: DataConfig, tokenizer, max_prompts: int | None, first: int = 0,
-                 split: str = "train") -> list[Prompt]:
+                 split: str = "train", section: str = "data") -> list[Prompt]:
     """``max_prompts`` prompts of ``split`` (all when None) from its ``first`` on, in data order.
 
     ``train`` leaves out the documents that ``data.holdout_fraction`` holds out, so that nothing trained on is
-    scored; ``eval`` takes only those, or ``data.eval_path``. A prompt keeps its index in the whole data."""
+    scored; ``eval`` takes only those, or ``data.eval_path``. A prompt keeps its index in the whole data.
+    ``section`` names where ``cfg`` sits in the config, for the messages of errors."""
     column = {"chat": "messages_field", "prompt_response": "prompt_field", "text": "text_field"}[cfg.format]
     optional = (cfg.response_field,) if cfg.format == "prompt_response" else ()
     separate = split == "eval" and cfg.eval_path
-    path, key = (cfg.eval_path, "data.eval_path") if separate else (cfg.path, "data.path")
+    path, key = (cfg.eval_path, f"{section}.eval_path") if separate else (cfg.path, f"{section}.path")
     documents = load_documents(path, cfg.eval_split or cfg.split if separate else cfg.split,
                                {column: getattr(cfg, column)}, cfg.streaming, key, optional=optional)
     held = None
     if cfg.holdout_fraction > 0:
         held = set(holdout_indices(count_documents(documents, BATCH_DOCUMENTS), cfg.holdout_fraction, cfg.seed).tolist())
     elif split == "eval" and not separate:
-        raise DataError("held-out prompts need data.holdout_fraction > 0 or data.eval_path; set one of them")
+        raise DataError(f"held-out prompts need {section}.holdout_fraction > 0 or {section}.eval_path; set one of them")
     prompts: list[Prompt] = []
     rows = (dict(zip(batch, values)) for batch in document_batches(documents, 256) for values in zip(*batch.values()))
     in_split = ((i, row) for i, row in enumerate(rows) if held is None or (i in held) == (split == "eval"))
@@ -81,7 +82,7 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompts: int | None, first: int
         if max_prompts is not None and len(prompts) >= max_prompts:
             break
         if position >= first:
-            prompts.append(_encode(cfg, tokenizer, row, index))
+            prompts.append(_encode(cfg, tokenizer, row, index, section))
     if not prompts:
         raise DataError(f"{key} {path!r} holds no {split} prompts from prompt {first} on")
     return prompts

@@ -53,7 +53,7 @@ def train_from_cache(job: TrainJob) -> Path | str:
     online = None
     if job.online:  # the prompts are read and checked before any weights load
         o = job.online
-        prompts = load_prompts(o.prompts, source.tokenizer, None)
+        prompts = load_prompts(o.prompts, source.tokenizer, None, section="online.prompts")
         check_lengths(prompts, o.max_new_tokens, student_positions(job.student, job.cache.local_dir),
                       ("online.prompts.path", "online.max_new_tokens"))
         online = OnlineBatches(prompts, order, source.tokenizer,
