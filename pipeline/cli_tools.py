@@ -36,9 +36,10 @@ def _export(args) -> int:
 
 
 def _tokenizer(args) -> int:
-    from pipeline.demo.tokenizer import build_tokenizer
+    from pipeline.demo.tokenizer import build_tokenizer, build_unigram_tokenizer
 
-    print(build_tokenizer(args.out, vocab_size=args.vocab_size))
+    build = build_unigram_tokenizer if args.kind == "unigram" else build_tokenizer
+    print(build(args.out, vocab_size=args.vocab_size))
     return 0
 
 
@@ -83,9 +84,13 @@ def add_cache_tools(commands) -> None:
 
 def add_model_tools(commands) -> None:
     """The subcommands that make models and tokenizers: ``tokenizer``, ``init-model`` and ``convert-gguf``."""
-    tokenizer = commands.add_parser("tokenizer", help="train the byte-level BPE on the shipped corpus")
+    tokenizer = commands.add_parser("tokenizer", help="train a tokenizer (byte-level BPE by default) on the shipped "
+                                                      "corpus")
     tokenizer.add_argument("--out", required=True)
     tokenizer.add_argument("--vocab-size", type=int, default=8192)
+    tokenizer.add_argument("--kind", choices=("bpe", "unigram"), default="bpe",
+                           help="bpe: GPT-2 style byte-level BPE (default); unigram: SentencePiece-style Unigram "
+                                "with '▁' word starts and <0xNN> byte fallback for unseen characters")
     tokenizer.set_defaults(run=_tokenizer)
 
     init = commands.add_parser("init-model", help="save a random-initialised model on a local tokenizer")

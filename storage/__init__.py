@@ -22,6 +22,7 @@ _EXPORTS = {
     "storage.io.locks": ["DirectoryLock", "held", "lock_file", "unlock"],
     "storage.io.seals": ["read_sealed", "with_seal"],
     "storage.codec.layout": ["FORMAT_VERSIONS", "MAX_SAMPLES", "Layout"],
+    "storage.codec.targets": ["ROLE_DOCUMENT_END", "ROLE_PADDING", "ROLE_TEXT"],
     "storage.backends": ["BACKENDS", "get_backend"],
     "storage.write.folder": ["CONFIG_NAME", "IDENTITY_NAME", "ShardFolder", "ShardPlan", "plan_shards"],
     "storage.write.cache": ["TOKENIZER_DIR", "TOKENS_DIR", "CacheDirectory"],

@@ -77,6 +77,10 @@ class Manifest:
     """Format 3: the id that unused slots decode to in a plain reader (the largest value of the id dtype)."""
     logprob_bits: int | None = None
     """Format 3: 16 or 8 bits per stored head log-prob."""
+    text_alignment: int | None = None
+    """1: shards hold ``token_role`` (``storage.codec.targets``), so each sequence's exact text can be spelled with
+    the cache's tokenizer and students of other tokenizers aligned to it by bytes; None: a cache made before
+    this addition, or with ``cache.text_alignment=false`` (same-tokenizer students only)."""
     fingerprint_identity: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     tokenizer_dir: str | None = None

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import yaml
 from gguf_files import bad_gguf_cases
-from helpers import STUDENT, cache_args, train, train_args
+from helpers import STUDENT, cache, cache_args, train, train_args
+
+from pipeline.demo.tokenizer import build_tokenizer
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,19 @@ def generate_cmd(i: Inputs, **extra) -> list[str]:
     settings = {"generate.model": i.teacher, "generate.out_dir": i.tmp / "g", "data.path": i.corpus,
                 "generate.max_new_tokens": 8, "generate.max_prompts": 2, "device": "cpu", **extra}
     return ["generate", *(f"{k}={v}" for k, v in settings.items())]
+
+
+def other_tokenizer(i: Inputs) -> Path:
+    """A byte-level BPE with another vocabulary than the teacher's."""
+    return build_tokenizer(i.tmp / "other-tokenizer", vocab_size=700, limit_bytes=100_000)
+
+
+def cross_tokenizer_on_old_cache(i: Inputs) -> list[str]:
+    """A cache without ``token_role`` (as every cache made before text alignment) and a student of another tokenizer."""
+    old = cache(cache_args(i.teacher, i.corpus, i.tmp / "old", **{"data.seq_len": 32,
+                                                                   "cache.text_alignment": "false"})).directory
+    return ["train", *train_args(old, i.tmp / "o", **{"student.tokenizer": other_tokenizer(i),
+                                                       "loss.cross_tokenizer": "uld"})]
 
 
 def write(path: Path, content: str | bytes) -> Path:
@@ -279,6 +294,15 @@ CASES = [
                                    "student.model": i.teacher}),
          ("online.prompts.path: prompt 0 has", "online.max_new_tokens=250", "exceeds the model's 256 positions"),
          TRAIN_OUT),
+    # students with another tokenizer
+    Case("train-cross-tokenizer-without-its-loss", lambda i: train_cmd(i, **{"student.tokenizer": other_tokenizer(i)}),
+         ("student.tokenizer", "differs from the tokenizer of cache", "set loss.cross_tokenizer=uld or gold"),
+         TRAIN_OUT),
+    Case("train-cross-tokenizer-on-a-cache-without-text", cross_tokenizer_on_old_cache,
+         ("student.tokenizer", "a cache made without text alignment", "rebuild the cache"), TRAIN_OUT),
+    Case("train-student-tokenizer-does-not-load",
+         lambda i: train_cmd(i, **{"student.tokenizer": write(i.tmp / "tok" / "tokenizer.json", "{broken").parent}),
+         ("student.tokenizer", "does not load as a tokenizer"), TRAIN_OUT),
     Case("changed-config-on-out-dir", changed_config,
          ('loss.kind: "forward_kl" -> "jsd"', "train.lr: 0.001 -> 0.002", "train.resume=never"), TRAIN_OUT,
          untouched=TRAIN_OUT),

@@ -87,6 +87,22 @@ def test_two_ranks_train_what_one_rank_trains(tmp_path, topk_cache, two_ranks_re
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 4
 
 
+def test_two_ddp_ranks_train_a_student_of_another_tokenizer_as_one_rank_does(tmp_path, topk_cache):
+    """Student batches are built per micro-batch from the cache's order, so 2 ranks x 1 equal 1 rank x 2."""
+    from pipeline.demo.tokenizer import build_unigram_tokenizer
+
+    settings = {**TWO_RANKS, "student.tokenizer": build_unigram_tokenizer(tmp_path / "uni", 600, limit_bytes=100_000),
+                "loss.cross_tokenizer": "uld", "loss.alpha": 0.5}
+    reference = one_rank_reference(topk_cache, tmp_path / "one", **settings)
+    run = torchrun(train_args(topk_cache, tmp_path / "o", **settings, **{"train.strategy": "ddp"}), tmp_path / "log")
+    assert run.wait(timeout=300) == 0, (tmp_path / "log").read_text()[-3000:]
+    for kind, field in (("train", "loss"), ("train", "samples_sha256"), ("eval", "bpb")):
+        ours, theirs = ([r[field] for r in records(out, kind)] for out in (tmp_path / "o", tmp_path / "one"))
+        assert len(ours) == len(theirs) > 0
+        assert ours == (theirs if field == "samples_sha256" else pytest.approx(theirs, rel=1e-5)), (kind, field)
+    assert relative_difference(load_file(tmp_path / "o" / "final" / "model.safetensors"), reference) < 1e-5
+
+
 def lock_is_free(out_dir) -> bool:
     lock = DirectoryLock(out_dir)
     try:

@@ -24,6 +24,14 @@ def _study(args) -> int:
     return 0
 
 
+def _study_cross_tokenizer(args) -> int:
+    from pipeline.bench.cross_tokenizer_study import run_cross_tokenizer_study
+
+    work = Path(args.work) if args.work else Path(f"{args.out}-work")
+    print(run_cross_tokenizer_study(Path(args.out), work, Path(args.teacher), quick=args.quick, device=args.device))
+    return 0
+
+
 def _study_on_policy(args) -> int:
     from pipeline.bench.on_policy_study import run_on_policy_study
 
@@ -33,7 +41,7 @@ def _study_on_policy(args) -> int:
 
 
 def add_parsers(commands) -> None:
-    """Add ``bench``, ``study`` and ``study-on-policy`` to the CLI's subparsers."""
+    """Add ``bench``, ``study``, ``study-on-policy`` and ``study-cross-tokenizer`` to the CLI's subparsers."""
     bench = commands.add_parser("bench", help="run the benchmarks; write results.json and results.md")
     bench.add_argument("--out", required=True, help="output directory")
     bench.add_argument("--quick", action="store_true", help="tiny smoke run, not a timing")
@@ -62,3 +70,12 @@ def add_parsers(commands) -> None:
     on_policy.add_argument("--quick", action="store_true", help="tiny smoke run, not a result")
     on_policy.add_argument("--device", default="auto", help="auto, cpu or cuda")
     on_policy.set_defaults(run=_study_on_policy)
+    cross = commands.add_parser("study-cross-tokenizer", help="one SmolLM2 cache, students of three tokenizers: "
+                                "CE, uld, gold and same-tokenizer KD in bits per byte (`make study-cross-tokenizer`)")
+    cross.add_argument("--out", required=True, help="output directory: results.json and results.md")
+    cross.add_argument("--teacher", required=True, help="the teacher folder (SmolLM2: `make real-teacher`)")
+    cross.add_argument("--work", help="tokenizers, the cache and the runs, kept so that a rerun continues "
+                                      "(default: <out>-work)")
+    cross.add_argument("--quick", action="store_true", help="tiny smoke run, not a result")
+    cross.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    cross.set_defaults(run=_study_cross_tokenizer)

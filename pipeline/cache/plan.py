@@ -91,6 +91,8 @@ def _fingerprint_identity(job: CacheJob, teacher: dict, tokenizer_hash: str, dat
         # Left out for multinomial draws, the only kind before cache.sampler existed, so those caches keep
         # their fingerprints and are still found.
         **({"sampler": c.sampler} if c.mode != "topk" and c.sampler != "multinomial" else {}),
+        # Left out when off, so caches made before text alignment existed keep their fingerprints.
+        **({"text_alignment": 1} if c.text_alignment else {}),
         "temperature": c.temperature,
         "format": c.format,
         "shard_size": c.shard_size,
@@ -124,6 +126,7 @@ def _header(job: CacheJob, hf_config, tokenizer, layout: Layout, teacher: dict, 
                     if v3 else "uint16 per shard and field when every id < 65535 (padding -1 as 65535), else int32"),
         pad_id=layout.pad_id if v3 else None,
         logprob_bits=c.logprob_bits if v3 and c.mode != "sample" else None,
+        text_alignment=1 if layout.token_roles else None,
         fingerprint_identity=identity,
         config=to_dict(job),
     )
@@ -163,7 +166,7 @@ def make_plan(job: CacheJob) -> CachePlan:
     c = job.cache
     head = c.top_k if c.mode != "sample" else 0
     layout = Layout(c.format_version, c.mode, vocab_size, head, width - head, c.samples if c.mode != "topk" else 0,
-                    c.logprob_bits)
+                    c.logprob_bits, c.text_alignment)
     header = _header(job, hf_config, tokenizer, layout, teacher, data, identity)
     directory = join(job.cache.dir) if job.cache.dir else join(job.cache.root, header.fingerprint)
     sequences = {name: len(s.input_ids) for name, s in store.splits.items()}

@@ -136,6 +136,8 @@ def _shard_arrays(model, head: LogitHead, plan: CachePlan, shard: ShardPlan, pro
         times.teacher += time.perf_counter() - began
         progress.update(ids.numel())
     arrays = {"input_ids": split.input_ids[rows], "loss_mask": split.loss_mask[rows]}
+    if plan.layout.token_roles:
+        arrays["token_role"] = split.token_role[rows]
     return arrays | {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 

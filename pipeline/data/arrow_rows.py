@@ -1,6 +1,6 @@
 """Packed rows in an Arrow IPC file, written one row at a time and read back as memory-mapped (n, T) numpy views.
 
-Every row is its own record batch of one ``input_ids`` and one ``loss_mask``
+Every row is its own record batch of one ``input_ids``, one ``loss_mask`` and one ``token_role``
 fixed-size list. All batches then have the same shape, so their buffers lie
 at a constant stride in the file: one strided numpy view over the memory map
 covers a whole column without copying, although the file was written row by
@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-COLUMNS = (("input_ids", pa.int32()), ("loss_mask", pa.uint8()))
+COLUMNS = (("input_ids", pa.int32()), ("loss_mask", pa.uint8()), ("token_role", pa.uint8()))
 
 
 class CorruptRowsError(ValueError):
@@ -33,10 +33,10 @@ class ArrowRowsWriter:
         self._file = pa.OSFile(str(path), "wb")
         self._writer = ipc.new_file(self._file, self.schema)
 
-    def write(self, ids: np.ndarray, mask: np.ndarray) -> None:
+    def write(self, ids: np.ndarray, mask: np.ndarray, roles: np.ndarray) -> None:
         # A fresh batch per row: a sliced batch gets a larger message, which would break the constant stride.
-        for row_ids, row_mask in zip(ids, mask):
-            arrays = [pa.FixedSizeListArray.from_arrays(pa.array(a), self.seq_len) for a in (row_ids, row_mask)]
+        for row in zip(ids, mask, roles):
+            arrays = [pa.FixedSizeListArray.from_arrays(pa.array(a), self.seq_len) for a in row]
             self._writer.write_batch(pa.record_batch(arrays, schema=self.schema))
 
     def close(self) -> None:
@@ -48,8 +48,9 @@ def _values_offset(batch: pa.RecordBatch, column: int, base: int) -> int:
     return batch.column(column).values.buffers()[1].address - base
 
 
-def read_rows(path: Path, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-copy, read-only (n, seq_len) views of ``input_ids`` (int32) and ``loss_mask`` (uint8) of ``path``."""
+def read_rows(path: Path, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zero-copy, read-only (n, seq_len) views of ``input_ids`` (int32), ``loss_mask`` and ``token_role`` (uint8)
+    of ``path``."""
     source = pa.memory_map(str(path), "r")
     whole = source.read_buffer()
     try:
@@ -71,4 +72,4 @@ def read_rows(path: Path, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
             raise CorruptRowsError(f"{path}: rows are not evenly spaced; it was not written by this module")
         views.append(np.ndarray((n, seq_len), dtype.to_pandas_dtype(), buffer=whole, offset=first,
                                 strides=(stride, itemsize)))
-    return views[0], views[1]
+    return views[0], views[1], views[2]

@@ -10,6 +10,8 @@ rows to disk as they are cut).
 ``loss_mask[j] = 1`` when the token after ``input_ids[j]`` is a training
 target: a real token for plain text, a response token for instruction and
 chat data (see ``pipeline.data.encode``). Padding, and the row before it, get 0.
+``token_role[j]`` says what ``input_ids[j]`` is (``storage.codec.targets``): a token of the text, the EOS that
+ends a document, or padding; with it, a row's text can be spelled again (cross-tokenizer students).
 """
 from __future__ import annotations
 
@@ -24,26 +26,28 @@ from pipeline.data.encode import make_encoder, required_columns
 from pipeline.data.generations import open_generation
 from pipeline.data.sources import routed_batches, split_names
 from pipeline.errors import DataError
+from storage import ROLE_DOCUMENT_END, ROLE_PADDING
 
 
 @dataclass
 class PackedSplit:
     """Packed sequences of one split.
 
-    input_ids: (n, T) int32. loss_mask: (n, T) uint8, 0 at padding.
+    input_ids: (n, T) int32. loss_mask: (n, T) uint8, 0 at padding. token_role: (n, T) uint8 (None: unknown).
     """
 
     input_ids: np.ndarray
     loss_mask: np.ndarray
     documents: int
+    token_role: np.ndarray | None = None
 
     @property
     def tokens(self) -> int:
         return int(self.input_ids.size)
 
 
-def batch_stream(encoded: dict, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """One batch's documents joined with EOS: int32 ids and uint8 target flags, one per token.
+def batch_stream(encoded: dict, eos_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One batch's documents joined with EOS: int32 ids, uint8 target flags and uint8 token roles, one per token.
 
     The EOS that ends a document is a target when the document has any target, unless the encoder says which
     are (``eos_targets``: a generation cut at ``max_new_tokens`` did not stop there).
@@ -57,7 +61,8 @@ def batch_stream(encoded: dict, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
     eos_target = (running[ends] - running[ends - lengths] > 0).astype(np.uint8)
     if "eos_targets" in encoded:
         eos_target &= np.asarray(encoded["eos_targets"], dtype=np.uint8)
-    return np.insert(ids, ends, np.int32(eos_id)), np.insert(targets, ends, eos_target)
+    roles = np.insert(np.zeros(len(ids), np.uint8), ends, np.uint8(ROLE_DOCUMENT_END))
+    return np.insert(ids, ends, np.int32(eos_id)), np.insert(targets, ends, eos_target), roles
 
 
 def pack(stream: np.ndarray, targets: np.ndarray, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +89,8 @@ class RowPacker:
 
     def __init__(self, seq_len: int, pad_id: int, sink, limit: int | None = None):
         self.seq_len, self.pad_id, self.sink, self.limit = seq_len, pad_id, sink, limit
-        self.carry_ids, self.carry_targets = np.empty(0, np.int32), np.empty(0, np.uint8)
+        self.carry_ids = np.empty(0, np.int32)
+        self.carry_targets, self.carry_roles = np.empty(0, np.uint8), np.empty(0, np.uint8)
         self.rows = self.documents = self.real_tokens = self.max_id = 0
         self.any_target = False
         self.ids_digest, self.mask_digest = hashlib.sha256(), hashlib.sha256()
@@ -93,20 +99,22 @@ class RowPacker:
     def full(self) -> bool:
         return self.limit is not None and self.rows >= self.limit
 
-    def add(self, ids: np.ndarray, targets: np.ndarray, documents: int) -> None:
+    def add(self, ids: np.ndarray, targets: np.ndarray, roles: np.ndarray, documents: int) -> None:
         if self.full:
             return
         self.documents += documents
         self.real_tokens += len(ids) - documents  # one EOS per document
         ids = np.concatenate([self.carry_ids, ids])
         targets = np.concatenate([self.carry_targets, targets])
+        roles = np.concatenate([self.carry_roles, roles])
         count = (len(ids) - 1) // self.seq_len
         if self.limit is not None:
             count = min(count, self.limit - self.rows)
         end = count * self.seq_len
         if count:
-            self._emit(ids[:end].reshape(count, -1), targets[1 : end + 1].reshape(count, -1))
-        self.carry_ids, self.carry_targets = ids[end:], targets[end:]
+            self._emit(ids[:end].reshape(count, -1), targets[1 : end + 1].reshape(count, -1),
+                       roles[:end].reshape(count, -1))
+        self.carry_ids, self.carry_targets, self.carry_roles = ids[end:], targets[end:], roles[end:]
 
     def finish(self) -> None:
         """Pad and emit the final partial row."""
@@ -117,10 +125,12 @@ class RowPacker:
         ids[0, :left] = self.carry_ids
         mask = np.zeros((1, self.seq_len), dtype=np.uint8)
         mask[0, : left - 1] = self.carry_targets[1:]
-        self._emit(ids, mask)
+        roles = np.full((1, self.seq_len), ROLE_PADDING, dtype=np.uint8)
+        roles[0, :left] = self.carry_roles
+        self._emit(ids, mask, roles)
 
-    def _emit(self, ids: np.ndarray, mask: np.ndarray) -> None:
-        self.sink.write(ids, mask)
+    def _emit(self, ids: np.ndarray, mask: np.ndarray, roles: np.ndarray) -> None:
+        self.sink.write(ids, mask, roles)
         self.ids_digest.update(ids.tobytes())
         self.mask_digest.update(mask.tobytes())
         self.rows += len(ids)
@@ -134,15 +144,18 @@ class MemoryRows:
     def __init__(self):
         self.ids: list[np.ndarray] = []
         self.masks: list[np.ndarray] = []
+        self.roles: list[np.ndarray] = []
 
-    def write(self, ids: np.ndarray, mask: np.ndarray) -> None:
+    def write(self, ids: np.ndarray, mask: np.ndarray, roles: np.ndarray) -> None:
         self.ids.append(ids)
         self.masks.append(mask)
+        self.roles.append(roles)
 
     def split(self, seq_len: int, documents: int) -> PackedSplit:
         empty = np.empty((0, seq_len))
         return PackedSplit(np.concatenate([empty.astype(np.int32), *self.ids]),
-                           np.concatenate([empty.astype(np.uint8), *self.masks]), documents)
+                           np.concatenate([empty.astype(np.uint8), *self.masks]), documents,
+                           np.concatenate([empty.astype(np.uint8), *self.roles]))
 
 
 def special_ids(tokenizer) -> tuple[int, int]:
@@ -176,8 +189,7 @@ def pack_documents(cfg: DataConfig, tokenizer, sinks: dict) -> dict[str, RowPack
     packers = {name: RowPacker(cfg.seq_len, pad_id, sink, _row_limit(limits.get(name), cfg.seq_len))
                for name, sink in sinks.items()}
     for name, encoded in routed_batches(cfg, make_encoder(cfg, tokenizer), lambda: packers["train"].full):
-        ids, targets = batch_stream(encoded, eos_id)
-        packers[name].add(ids, targets, len(encoded["ids"]))
+        packers[name].add(*batch_stream(encoded, eos_id), len(encoded["ids"]))
     for name in split_names(cfg):
         packers[name].finish()
         _check_split(cfg, name, packers[name])

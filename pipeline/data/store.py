@@ -36,7 +36,7 @@ from storage import (
     write_json,
 )
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: rows carry token_role
 INDEX_NAME = "index.json"
 INDEX_SEAL = "index_sha256"
 log = get_logger("data")
@@ -92,10 +92,10 @@ def _open(folder: Path, fingerprint: str, seq_len: int) -> TokenStore:
         path = folder / entry["file"]
         if not path.is_file() or path.stat().st_size != entry["bytes"] or tree_sha256(path) != entry["sha256"]:
             raise CorruptRowsError(f"{path} is missing, truncated or does not match its sha256 in {INDEX_NAME}")
-        ids, mask = read_rows(path, seq_len)
+        ids, mask, roles = read_rows(path, seq_len)
         if len(ids) != entry["rows"]:
             raise CorruptRowsError(f"{path} has {len(ids)} rows, {INDEX_NAME} says {entry['rows']}")
-        splits[name] = PackedSplit(ids, mask, entry["documents"])
+        splits[name] = PackedSplit(ids, mask, entry["documents"], roles)
     return TokenStore(folder, splits, index["sha256"], index["max_id"])
 
 

@@ -55,6 +55,10 @@ class StudentConfig:
     """Layer indices kept by ``from_teacher``; default every other layer."""
     seed: int = 0
     """Seed of the random initialisation."""
+    tokenizer: str | None = None
+    """Folder (or hub id) of the student's own tokenizer; default the cache's. Another tokenizer than the cache's
+    makes a cross-tokenizer student: the cache (with text alignment) is spelled as text, tokenized by this one and
+    aligned by bytes, and ``loss.cross_tokenizer`` chooses the loss. ``final/`` holds this tokenizer."""
 
     def __post_init__(self):
         given = [k for k in ("model", "config", "from_teacher") if getattr(self, k)]
@@ -79,11 +83,18 @@ class LossConfig:
     teacher_live: str | None = None
     """Path of a teacher run at every step: the loss is then ``kind`` over the full vocabulary, on the cache's
     sequences (online KD, the cache's yardstick) or on the student's own samples (``online``)."""
+    cross_tokenizer: Literal["uld", "gold"] | None = None
+    """The KD loss of a student whose tokenizer differs from the cache's (``student.tokenizer``), at the positions
+    aligned by bytes: ``uld`` (Universal Logit Distillation: L1 between the sorted probability vectors, needing no
+    shared vocabulary) or ``gold`` (KL on the tokens both vocabularies spell alike, ULD on the rest). Mix it with
+    CE through ``alpha``: only aligned positions get KD, the others learn from CE alone."""
 
     def __post_init__(self):
         raise_problems(need(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}"),
                        need(0.0 <= self.beta <= 1.0, "beta", f"must be in [0, 1], got {self.beta}"),
-                       need(self.temperature is None or self.temperature > 0, "temperature", "must be > 0"))
+                       need(self.temperature is None or self.temperature > 0, "temperature", "must be > 0"),
+                       need(not (self.cross_tokenizer and self.teacher_live), "cross_tokenizer",
+                            "a live teacher shares the student's tokenizer; drop loss.teacher_live or this key"))
 
 
 @dataclass

@@ -3,7 +3,10 @@
 ``kl`` is KL(teacher || student) per token, ``ce`` / ``ppl`` the loss on the
 hard next token, ``top1`` the agreement of the student's argmax with the
 teacher's, ``ece`` the expected calibration error of the student's top-1
-against the hard next token (15 equal-width bins). Positions with
+against the hard next token (15 equal-width bins). ``bpb`` is the hard
+next-token loss in bits per byte of the text (a document end counts one
+byte): unlike ppl, it compares students of different tokenizers. It needs a
+cache with text alignment; ``kl`` and ``top1`` need the teacher's tokenizer. Positions with
 ``loss_mask = 0`` (padding, prompts) are left out. A metric with no tokens to
 average over is ``None``, never a division by zero.
 """
@@ -48,14 +51,18 @@ class HeldOutMetrics:
     """Token sums of every metric; ``result`` turns them into averages."""
 
     def __init__(self):
-        self.ce = self.kl = 0.0
+        self.ce = self.kl = self.bytes = 0.0
         self.ce_tokens = self.kd_tokens = self.agree = 0
         self.calibration = CalibrationBins()
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, ce_mask: torch.Tensor, kd_mask: torch.Tensor,
-            kl: torch.Tensor | None = None, teacher_top1: torch.Tensor | None = None) -> None:
-        """One chunk: (N, V) student logits, (N,) labels and masks, per-token ``kl`` and teacher argmax ids."""
+            kl: torch.Tensor | None = None, teacher_top1: torch.Tensor | None = None,
+            target_bytes: torch.Tensor | None = None) -> None:
+        """One chunk: (N, V) student logits, (N,) labels and masks, per-token ``kl``, teacher argmax ids and the
+        bytes of each next token."""
         self.ce += (cross_entropy(logits, labels) * ce_mask).sum().item()
+        if target_bytes is not None:
+            self.bytes += (target_bytes * ce_mask).sum().item()
         self.ce_tokens += int(ce_mask.sum())
         predicted = self.calibration.add(logits, labels, ce_mask)
         if kl is not None:
@@ -65,16 +72,18 @@ class HeldOutMetrics:
 
     def all_reduce(self, here: World) -> None:
         """Sum every token sum over the ranks (a collective)."""
-        scalars = torch.tensor([self.ce, self.kl, self.ce_tokens, self.kd_tokens, self.agree], dtype=torch.float64)
+        scalars = torch.tensor([self.ce, self.kl, self.bytes, self.ce_tokens, self.kd_tokens, self.agree],
+                               dtype=torch.float64)
         packed = all_reduce_sum(torch.cat([scalars, self.calibration.sums.reshape(-1)]), here)
-        self.ce, self.kl = packed[0].item(), packed[1].item()
-        self.ce_tokens, self.kd_tokens, self.agree = (int(v) for v in packed[2:5].tolist())
-        self.calibration.sums = packed[5:].reshape(self.calibration.sums.shape)
+        self.ce, self.kl, self.bytes = packed[0].item(), packed[1].item(), packed[2].item()
+        self.ce_tokens, self.kd_tokens, self.agree = (int(v) for v in packed[3:6].tolist())
+        self.calibration.sums = packed[6:].reshape(self.calibration.sums.shape)
 
     def result(self) -> dict:
         ce = self.ce / self.ce_tokens if self.ce_tokens else None
         return {"ce": ce, "ppl": math.exp(min(ce, 50.0)) if ce is not None else None,
                 "ece": self.calibration.ece(), "tokens": self.ce_tokens,
+                "bpb": self.ce / self.bytes / math.log(2) if self.bytes else None,
                 "kl": self.kl / self.kd_tokens if self.kd_tokens else None,
                 "top1": self.agree / self.kd_tokens if self.kd_tokens else None}
 
@@ -87,7 +96,8 @@ def _score_batch(model, head: LogitHead, batch: dict[str, torch.Tensor], facts: 
     flat = hidden_states(model, batch["input_ids"]).reshape(labels.shape[0], -1)
     if metrics is None:
         return
-    cached = "topk_ids" in batch
+    cached = "topk_ids" in batch and "teacher_position" not in batch  # KL needs the teacher's vocabulary
+    target_bytes = batch["target_bytes"].reshape(-1) if "target_bytes" in batch else None
     if cached:
         width = batch["topk_ids"].shape[-1]
         ids, logprobs = batch["topk_ids"].reshape(-1, width), batch["topk_logprobs"].reshape(-1, width)
@@ -101,7 +111,8 @@ def _score_batch(model, head: LogitHead, batch: dict[str, torch.Tensor], facts: 
             kl = kd_loss(logits, ids[lo:hi], logprobs[lo:hi], tails[lo:hi], labels[lo:hi], temperature=t,
                          cache_temperature=t, real_vocab=facts.real_vocab) / t**2
             top1 = ids[lo:hi, 0]
-        metrics.add(logits, labels[lo:hi], ce_mask[lo:hi], kd_mask[lo:hi], kl, top1)
+        metrics.add(logits, labels[lo:hi], ce_mask[lo:hi], kd_mask[lo:hi], kl, top1,
+                    target_bytes[lo:hi] if target_bytes is not None else None)
 
 
 @torch.no_grad()

@@ -97,7 +97,10 @@ class TrainingRecipe:
         self.model = self.model.to(self.device).train()
         self.engine = wrap(self.model, self.strategy, self.device, self.world)
         self.head = LogitHead.of(self.model)
-        self.facts = LossFacts(real_vocab=self.source.real_vocab, cache_temperature=self.source.temperature)
+        alignment = self.source.alignment
+        self.facts = LossFacts(real_vocab=self.source.real_vocab, cache_temperature=self.source.temperature,
+                               teacher_vocab=self.source.teacher_vocab,
+                               id_map=alignment.id_map.to(self.device) if alignment else None)
         self.optimizer = torch.optim.AdamW(self.engine.parameters(), lr=1.0, weight_decay=self.cfg.weight_decay,
                                            betas=(0.9, 0.95))
         # The optimizer's lr is 1, so the schedule's value is the learning rate itself.
@@ -220,7 +223,8 @@ class TrainingRecipe:
                 self.mirror.push(name)
 
     def save_final(self) -> None:
-        """The student as a plain ``save_pretrained`` folder with the cache's tokenizer (gathered on rank 0)."""
+        """The student as a plain ``save_pretrained`` folder with its tokenizer, the cache's unless
+        ``student.tokenizer`` names another (gathered on rank 0)."""
         weights = full_state_dict(self.model, self.strategy)
         if self.world.is_main:
             self.mirror.remove(FINAL)  # an older student (before train.steps grew) must not look complete meanwhile

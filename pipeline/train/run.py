@@ -29,6 +29,31 @@ def _check_retempering(source: BatchSource, phases: list[Phase], cache_dir: str)
                 f"so cache again with cache.temperature={phase.loss.temperature}")
 
 
+def _student_tokenizer(job: TrainJob):
+    """The tokenizer that ``student.tokenizer`` names, or None (the cache's)."""
+    from transformers import AutoTokenizer
+
+    if not job.student.tokenizer:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(job.student.tokenizer)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"student.tokenizer {job.student.tokenizer!r} does not load as a tokenizer "
+                          f"({' '.join(str(exc).split())[:200]}); name a folder written by save_pretrained") from None
+
+
+def _check_cross_tokenizer(source: BatchSource, job: TrainJob, phases: list[Phase]) -> None:
+    """A student with another tokenizer needs a cross-tokenizer KD loss, and no live teacher or online mode."""
+    if source.alignment is None:
+        return
+    where = f"student.tokenizer {job.student.tokenizer!r} differs from the tokenizer of cache {job.cache.dir}"
+    for index, phase in enumerate(phases):
+        if phase.loss.kind != "ce" and phase.loss.alpha < 1.0 and not phase.loss.cross_tokenizer:
+            raise ConfigError(f"{where}: set loss.cross_tokenizer=uld or gold (phase {index}), or loss.kind=ce")
+    if job.online:
+        raise ConfigError(f"{where}: online mode needs the teacher's tokenizer; drop the online section")
+
+
 def _stream_order(train: TrainConfig, shuffle_buffer: int) -> StreamOrder:
     """This process's place in the job's global sample order."""
     here = world()
@@ -47,9 +72,12 @@ def train_from_cache(job: TrainJob) -> Path | str:
     """Distil a student from the cached soft targets in ``job.cache.dir``; return where its ``final/`` is (a URL
     when ``train.out_dir`` is one, whose working copy goes under ``cache.local_dir``)."""
     order = _stream_order(job.train, job.cache.shuffle_buffer)
-    source = cache_source(job.cache, order, job.train.num_workers)
+    student_tokenizer = _student_tokenizer(job)
+    source = cache_source(job.cache, order, job.train.num_workers, student_tokenizer,
+                          student_positions(job.student, job.cache.local_dir) if student_tokenizer else None)
     phases = resolve_phases(job.train, job.loss)
     _check_retempering(source, phases, job.cache.dir)
+    _check_cross_tokenizer(source, job, phases)
     online = None
     if job.online:  # the prompts are read and checked before any weights load
         o = job.online

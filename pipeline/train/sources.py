@@ -18,6 +18,7 @@ from pipeline.data.pack import PackedSplit
 from pipeline.dist import world
 from pipeline.errors import ConfigError, DataError
 from pipeline.log import get_logger
+from pipeline.train.align import TextAlignment, next_token_bytes
 from pipeline.train.config import SourceConfig
 from storage import (
     Cache,
@@ -50,6 +51,8 @@ class BatchSource:
     real_vocab: int  # ids at or beyond this are padding rows, ignored by the loss
     temperature: float
     mode: str  # topk | sample | hybrid | text
+    alignment: TextAlignment | None = None  # a student with another tokenizer than the cache's
+    teacher_vocab: int | None = None  # the cache tokenizer's length, with ``alignment``
 
 
 class ArrayRows:
@@ -98,21 +101,38 @@ def _check_draws(source: SourceConfig, manifest: Manifest) -> None:
                           f"stored in {where} (cache.samples)")
 
 
-def cache_source(source: SourceConfig, order: StreamOrder, num_workers: int) -> BatchSource:
+def _check_alignment(manifest: Manifest, student_tokenizer: str) -> None:
+    if manifest.text_alignment is None:
+        raise ConfigError(f"student.tokenizer {student_tokenizer!r} differs from the tokenizer of {manifest.location}, "
+                          "a cache made without text alignment (before it existed, or with cache.text_alignment="
+                          "false); rebuild the cache with this version of `distillery cache` to train this student")
+
+
+def cache_source(source: SourceConfig, order: StreamOrder, num_workers: int, student_tokenizer=None,
+                 student_positions: int | None = None) -> BatchSource:
     """Batches of a finished cache's train split; held-out batches from ``cache.eval_dir`` (default: the same
-    cache). A cache at a URL is read through local copies of its shards (``cache.local_dir``)."""
+    cache). A cache at a URL is read through local copies of its shards (``cache.local_dir``). With a
+    ``student_tokenizer`` other than the cache's, batches are the student's (``pipeline.train.align``)."""
     from transformers import AutoTokenizer
+
+    from pipeline.models.hf import tokenizer_sha256
 
     cache = _open("cache.dir", source, source.dir)
     manifest = cache.manifest
     _check_draws(source, manifest)
     tokenizer = AutoTokenizer.from_pretrained(str(cache.store.folder(manifest.tokenizer_dir)))
+    convert = _byte_counter(tokenizer) if manifest.text_alignment else (lambda batch: batch)
+    alignment = None
+    if student_tokenizer is not None and tokenizer_sha256(student_tokenizer) != tokenizer_sha256(tokenizer):
+        _check_alignment(manifest, student_tokenizer.name_or_path)
+        alignment = TextAlignment(tokenizer, student_tokenizer, student_positions)
+        convert = alignment.student_batch
 
     # With ``cache.verify``, every shard is hashed once below, before the first step; the readers do not hash
     # again (they would at every resume, and eval would at every evaluation).
     def stream(start: StreamState) -> Iterator[Batch]:
         dataset = SoftTargetStream(cache, order, start=start, verify=False, draws_per_epoch=source.draws_per_epoch)
-        return iter(DataLoader(dataset, batch_size=None, num_workers=num_workers))
+        return map(convert, DataLoader(dataset, batch_size=None, num_workers=num_workers))
 
     SoftTargetStream(cache, order, verify=False)  # fails early when the global batch exceeds the split
     eval_dir = source.eval_dir
@@ -121,19 +141,39 @@ def cache_source(source: SourceConfig, order: StreamOrder, num_workers: int) -> 
         _check_shards(cache, manifest.shards_for("train") if eval_dir else manifest.shards)
         if eval_dir:
             _check_shards(held_out, held_out.manifest.shards_for("eval"))
+    if alignment and eval_dir:
+        _check_alignment(held_out.manifest, student_tokenizer.name_or_path)
     has_eval = bool(held_out.manifest.shards_for("eval"))
     if not has_eval:
         log.warning(f"{held_out.location} has no eval shards; evaluation is skipped")
     return BatchSource(
         stream=stream,
-        eval_batches=(lambda: sequential_batches(held_out, "eval", order.batch_size, False)) if has_eval
-        else None,
-        tokenizer=tokenizer,
-        vocab_size=manifest.vocab_size,
-        real_vocab=manifest.tokenizer_length,
+        eval_batches=(lambda: map(convert, sequential_batches(held_out, "eval", order.batch_size, False)))
+        if has_eval else None,
+        tokenizer=student_tokenizer if alignment else tokenizer,
+        vocab_size=len(student_tokenizer) if alignment else manifest.vocab_size,
+        real_vocab=len(student_tokenizer) if alignment else manifest.tokenizer_length,
         temperature=manifest.temperature,
         mode=manifest.mode,
+        alignment=alignment,
+        teacher_vocab=manifest.tokenizer_length,
     )
+
+
+def _byte_counter(tokenizer):
+    """Adds ``target_bytes`` to a same-tokenizer batch of a cache with text alignment, for bits per byte."""
+    from pipeline.models.token_bytes import byte_lengths, tokenizer_family, vocab_bytes
+
+    if tokenizer_family(tokenizer) is None:
+        return lambda batch: batch
+    lengths = torch.from_numpy(byte_lengths(vocab_bytes(tokenizer)))
+
+    def convert(batch: Batch) -> Batch:
+        if "token_role" not in batch:  # held-out batches of a ``cache.eval_dir`` without text alignment
+            return batch
+        return {**batch, "target_bytes": next_token_bytes(batch["input_ids"], batch["token_role"], lengths)}
+
+    return convert
 
 
 def text_source(splits: dict[str, PackedSplit], tokenizer, order: StreamOrder) -> BatchSource:

@@ -14,7 +14,8 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.models.head import LogitHead, hidden_states
 from pipeline.train.config import LossConfig
-from pipeline.train.losses import cross_entropy, dense_kd, kd_loss
+from pipeline.train.cross_losses import CROSS_LOSSES
+from pipeline.train.losses import cross_entropy, dense_kd, kd_loss, teacher_sparse
 
 
 @dataclass
@@ -23,6 +24,10 @@ class LossFacts:
 
     real_vocab: int
     cache_temperature: float
+    teacher_vocab: int | None = None
+    """A student with another tokenizer (``pipeline.train.align``): the cache tokenizer's real vocabulary."""
+    id_map: torch.Tensor | None = None
+    """(teacher vocab,) int64: the student id that spells each teacher id (-1: none), for ``gold``."""
 
 
 def labels_and_masks(batch: dict[str, torch.Tensor]):
@@ -30,7 +35,8 @@ def labels_and_masks(batch: dict[str, torch.Tensor]):
 
     Row t is trained where ``loss_mask[t]`` (its next token is a target). Its
     hard label ``input_ids[t + 1]`` exists for t < T - 1; the last row's next
-    token opens the following sequence, so only its soft targets are used.
+    token opens the following sequence, so only its soft targets are used. A student batch of another tokenizer
+    brings its own KD mask (``kd_mask``: the target positions aligned with a teacher position).
     """
     ids = batch["input_ids"]
     mask = batch.get("loss_mask", torch.ones_like(ids, dtype=torch.bool)).bool()
@@ -39,7 +45,7 @@ def labels_and_masks(batch: dict[str, torch.Tensor]):
     labels = torch.full_like(ids, -100)
     labels[:, :-1] = ids[:, 1:]
     labels = torch.where(ce_mask, labels, torch.full_like(labels, -100))
-    return labels, mask, ce_mask
+    return labels, batch["kd_mask"].bool() if "kd_mask" in batch else mask, ce_mask
 
 
 def token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -68,6 +74,9 @@ def micro_batch_sums(model, head: LogitHead, batch: dict[str, torch.Tensor], los
         ids = batch["topk_ids"].reshape(-1, width)
         logprobs = batch["topk_logprobs"].reshape(-1, width)
         tails = batch["tail_logprob"].reshape(-1)
+        if "teacher_position" in batch:  # a student of another tokenizer: each position's aligned teacher targets
+            at = batch["teacher_position"].reshape(-1)
+            ids, logprobs, tails = ids[at], logprobs[at], tails[at]
 
     def chunk_sums(h: torch.Tensor, lo: int, hi: int):
         logits = head(h)
@@ -80,6 +89,11 @@ def micro_batch_sums(model, head: LogitHead, batch: dict[str, torch.Tensor], los
             with torch.no_grad():
                 teacher_logits = teacher_head(teacher_flat[lo:hi])[:, : facts.real_vocab]
             per_token = dense_kd(logits[:, : facts.real_vocab], teacher_logits, loss.kind, loss.beta, temperature)
+        elif loss.cross_tokenizer:
+            t_lp, t_tail = teacher_sparse(ids[lo:hi], logprobs[lo:hi], tails[lo:hi], facts.teacher_vocab,
+                                          facts.cache_temperature, temperature)
+            per_token = CROSS_LOSSES[loss.cross_tokenizer](logits, ids[lo:hi], t_lp, t_tail, facts.id_map,
+                                                           temperature, facts.real_vocab)
         else:
             per_token = kd_loss(logits, ids[lo:hi], logprobs[lo:hi], tails[lo:hi], labels[lo:hi], kind=loss.kind,
                                 tail=loss.tail, beta=loss.beta, temperature=temperature,

@@ -57,7 +57,8 @@ def build_student(cfg: StudentConfig, cache_vocab: int, tokenizer, local_dir: st
         if tokenizer_sha256(own) != tokenizer_sha256(tokenizer):
             raise ConfigError(
                 f"the tokenizer of student {path!r} (sha256 {tokenizer_sha256(own)[:12]}) differs from the cache's "
-                f"(sha256 {tokenizer_sha256(tokenizer)[:12]}); the student must share the teacher's vocabulary"
+                f"(sha256 {tokenizer_sha256(tokenizer)[:12]}), which it would train with; set student.tokenizer to "
+                f"{path!r} to train it with its own tokenizer"
             )
         if cfg.from_teacher:
             layers = decoder_layers(model)
@@ -91,7 +92,7 @@ def student_positions(cfg: StudentConfig, local_dir: str | None = None) -> int |
             fields = dict(cfg.config)
             return max_positions(AutoConfig.for_model(fields.pop("model_type"), **fields))
         return max_positions(AutoConfig.from_pretrained(local_model(cfg.model or cfg.from_teacher, local_dir)))
-    except (OSError, ValueError, KeyError, TeacherError):
+    except Exception:  # transformers validates configs with several error types; build_student reports them
         return None
 
 

@@ -36,6 +36,8 @@ class Layout:
     """N: draws per position; a sampled id's weight is count / N."""
     logprob_bits: int = 16
     """16 (float16) or 8 (``storage.codec.logprobs``) for the head's log-probs."""
+    token_roles: bool = False
+    """Whether shards store the ``token_role`` column (text alignment, ``Manifest.text_alignment``)."""
 
     @classmethod
     def of(cls, manifest) -> Layout:
@@ -44,7 +46,8 @@ class Layout:
         if manifest.vocab_size is None or manifest.width is None or head is None:
             raise ManifestError(f"{manifest.location}/manifest.json lacks vocab_size, width or top_k; rebuild the cache")
         return cls(max(2, manifest.format_version), manifest.mode, manifest.vocab_size, head,
-                   manifest.width - head, manifest.samples or 0, manifest.logprob_bits or 16)
+                   manifest.width - head, manifest.samples or 0, manifest.logprob_bits or 16,
+                   manifest.text_alignment is not None)
 
     @property
     def id_dtype(self) -> np.dtype:
@@ -65,18 +68,20 @@ class Layout:
 
     def encode(self, targets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Validate one shard's targets and return its stored columns, each (n, T) or (n, T, slots)."""
-        check_targets(targets, self.head_width, self.sample_width)
-        return self._codec.encode(self, targets)
+        check_targets(targets, self.head_width, self.sample_width, self.token_roles)
+        columns = self._codec.encode(self, {k: v for k, v in targets.items() if k != "token_role"})
+        return columns | ({"token_role": targets["token_role"]} if self.token_roles else {})
 
     def decode(self, stored: dict[str, np.ndarray], counts: bool = False) -> dict[str, np.ndarray]:
         """Stored columns -> reader arrays (``storage.codec.targets.READER_FIELDS``); with ``counts`` (format 3, a sample
         or hybrid cache), also the stored draw counts (``storage.codec.v3.decode``)."""
+        roles = {"token_role": stored["token_role"]} if "token_role" in stored else {}
         if not counts:
-            return self._codec.decode(self, stored)
+            return self._codec.decode(self, stored) | roles
         if self.version != 3 or not self.sample_width:
             raise ValueError(f"draw counts are stored only by format-3 sample and hybrid caches, not by this "
                              f"format-{self.version} {self.mode} cache")
-        return layout_v3.decode(self, stored, counts=True)
+        return layout_v3.decode(self, stored, counts=True) | roles
 
     def columns(self) -> dict[str, str]:
         """Each stored column's dtype and per-sequence shape, e.g. ``uint8 (T, S)``: what the manifest records."""
@@ -88,6 +93,8 @@ class Layout:
         if self.sample_width:
             one |= {"sample_ids": np.zeros((1, 1, self.sample_width), np.int32),
                     "sample_counts": np.zeros((1, 1, self.sample_width), np.int32)}
+        if self.token_roles:
+            one["token_role"] = np.zeros((1, 1), np.uint8)
         return {name: f"{a.dtype} (T, {_slots(name)})" if a.ndim == 3 else f"{a.dtype} (T)"
                 for name, a in self.encode(one).items()}
 

@@ -4,8 +4,8 @@ Batches are dicts of tensors:
 ``input_ids`` (B, T) int64, ``topk_ids`` (B, T, W) int64 (-1 in unused slots; the order of
 ``storage.codec.targets``),
 ``topk_logprobs`` (B, T, W) float32, ``tail_logprob`` (B, T) float32 and
-``loss_mask`` (B, T) bool; training batches also carry ``sample_index`` (B,)
-int64, the global index of each sequence in the split.
+``loss_mask`` (B, T) bool, and in a cache with text alignment ``token_role`` (B, T) uint8; training batches
+also carry ``sample_index`` (B,) int64, the global index of each sequence in the split.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from storage.read.subsample import FreshDraws
 from storage.remote.store import PREFETCH_SHARDS, Cache, open_cache
 
 BATCH_DTYPES = {"input_ids": np.int64, "topk_ids": np.int64, "topk_logprobs": np.float32,
-                "tail_logprob": np.float32, "loss_mask": np.bool_, "sample_index": np.int64}
+                "tail_logprob": np.float32, "loss_mask": np.bool_, "sample_index": np.int64, "token_role": np.uint8}
 
 
 def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
