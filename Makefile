@@ -11,7 +11,7 @@ SMOLLM2_GGUF := SmolLM2-135M-Instruct.Q4_1.gguf
 # on CPU machines. On a GPU machine the same pin installs the CUDA wheel.
 TORCH := torch==2.13.0
 
-.PHONY: install test demo demo-banner demo-small real-teacher demo-teacher bench bench-smoke study study-demo-teacher study-smollm2 study-on-policy chaos lint clean
+.PHONY: install test demo demo-banner demo-small real-teacher demo-teacher bench bench-smoke study study-demo-teacher study-smollm2 study-on-policy study-cross-tokenizer chaos lint clean
 
 install: $(VENV)/.installed
 
@@ -77,6 +77,12 @@ study-demo-teacher study-smollm2: study-%:
 study-on-policy: demo-teacher
 	$(BIN)/distillery study-on-policy --out study-results/on-policy --work runs/study-on-policy \
 	  --teacher $(DEMO)/teacher/final
+
+# One SmolLM2 cache, students of three tokenizers (its own, the 8k KJV BPE, an 8k Unigram): CE, uld, gold and
+# same-tokenizer KD in bits per byte, 3 seeds: results in study-results/cross-tokenizer/ (committed).
+study-cross-tokenizer: real-teacher
+	$(BIN)/distillery study-cross-tokenizer --out study-results/cross-tokenizer --work runs/study-cross-tokenizer \
+	  --teacher $(REAL)/teacher-hf
 
 # The slow runs of benchmark code that `make test` skips: `distillery bench --quick` end to end (a smoke test of
 # every section, never a timing) and the stage-1 peak-RSS check: about 3 min on 2 cores.

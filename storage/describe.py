@@ -65,6 +65,7 @@ def summarize(cache: Cache) -> dict:
         "format": manifest.format,
         "format_version": manifest.format_version,
         "logprob_bits": manifest.logprob_bits,
+        "text_alignment": manifest.text_alignment,
         "vocab_size": manifest.vocab_size,
         "seq_len": manifest.seq_len,
         "shards": len(manifest.shards),
@@ -87,6 +88,12 @@ def _draws(summary: dict) -> str:
     return f" ({summary['sampler']} draws)" if summary.get("sampler") else ""
 
 
+def _students(summary: dict) -> str:
+    if summary.get("text_alignment"):
+        return "any tokenizer (text alignment: token_role stored)"
+    return "the teacher's tokenizer only (no text alignment)"
+
+
 def format_summary(summary: dict) -> str:
     splits = ", ".join(f"{name}: {s['sequences']} seqs / {s['tokens']} tokens in {s['shards']} shards"
                        for name, s in summary["splits"].items())
@@ -96,6 +103,7 @@ def format_summary(summary: dict) -> str:
         f"teacher      {summary['teacher']} (vocab {summary['vocab_size']})",
         f"targets      {summary['mode']}{_draws(summary)}, width {summary['width']}, {summary['format']} shards "
         f"(format {summary['format_version']}{_bits(summary)}), seq_len {summary['seq_len']}",
+        f"students     {_students(summary)}",
         f"splits       {splits}",
         f"size         {summary['bytes'] / 1e6:.2f} MB, {summary['bytes_per_token']:.1f} bytes/token",
         f"unique ids   {summary['mean_unique_ids']:.2f} per position (of {summary['width']} slots; "

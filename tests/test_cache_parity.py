@@ -97,7 +97,7 @@ def test_shards_read_with_plain_pyarrow_and_zarr(tmp_path, llama_dir, corpus_jso
     first = read_manifest(a).shards[0]
     table = ipc.open_file(str(a / first.path)).read_all()
     assert table.column_names == ["input_ids", "loss_mask", "head_id_delta_b0", "head_id_delta_b1",
-                                  "head_logprob_b0", "head_logprob_b1", "tail_logprob"]
+                                  "head_logprob_b0", "head_logprob_b1", "tail_logprob", "token_role"]
     assert list(read_manifest(a).dtypes) == table.column_names
     assert table.num_rows == first.sequences
     group = zarr.open_group(str(z / read_manifest(z).shards[0].path), mode="r")
@@ -105,6 +105,11 @@ def test_shards_read_with_plain_pyarrow_and_zarr(tmp_path, llama_dir, corpus_jso
     assert group["input_ids"].dtype == np.uint16  # a 512-entry vocabulary fits; see storage/layout.py
     plane = np.array(table.column("head_id_delta_b0").to_pylist(), dtype=np.uint8)
     np.testing.assert_array_equal(plane, group["head_id_delta_b0"][...])
+    roles = np.array(table.column("token_role").to_pylist(), dtype=np.uint8)
+    np.testing.assert_array_equal(roles, group["token_role"][...])
+    every = np.concatenate([np.array(ipc.open_file(str(a / s.path)).read_all().column("token_role").to_pylist())
+                            for s in read_manifest(a).shards]).ravel()
+    assert set(np.unique(every)) == {0, 1, 2}  # text, document ends and the final padding
 
 
 def test_ids_above_65535_round_trip(tmp_path, tokenizer_dir, corpus_jsonl):

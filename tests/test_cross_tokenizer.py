@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,10 +68,16 @@ def test_one_cache_serves_a_same_tokenizer_student_and_two_others_untouched(tmp_
     assert records(tmp_path / "uld", "train")[0]["samples_sha256"] == records(tmp_path / "same", "train")[0]["samples_sha256"]
 
 
+@pytest.fixture(scope="module")
+def sample_cache(tmp_path_factory, llama_dir, corpus_jsonl):
+    return cache(cache_args(llama_dir, corpus_jsonl, tmp_path_factory.mktemp("s") / "c",
+                            **{"data.seq_len": 32, "cache.mode": "sample", "cache.samples": 16,
+                               "data.max_tokens": 4096})).directory
+
+
 @pytest.mark.parametrize("kind", ["uld", "gold"])
-def test_a_sample_cache_trains_a_student_of_another_tokenizer(tmp_path, llama_dir, corpus_jsonl, unigram_dir, kind):
-    sample = cache(cache_args(llama_dir, corpus_jsonl, tmp_path / "c", **{"data.seq_len": 32, "cache.mode": "sample",
-                                                                          "cache.samples": 16})).directory
+def test_a_sample_cache_trains_a_student_of_another_tokenizer(tmp_path, sample_cache, unigram_dir, kind):
+    sample = sample_cache
     out = train(train_args(sample, tmp_path / "o", **CROSS, **{"student.tokenizer": unigram_dir,
                                                                "loss.cross_tokenizer": kind}))
     check_final(out, unigram_dir)
@@ -88,3 +95,32 @@ def test_a_cross_tokenizer_run_resumes_bitwise(tmp_path, topk_cache, unigram_dir
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in records(tmp_path / "resumed", "train")][-3:] == \
         [r["loss"] for r in records(tmp_path / "whole", "train")][-3:]
+
+
+def test_rounds_change_tokenizer_and_the_next_teacher_keeps_its_own(tmp_path, llama_dir, corpus_jsonl, unigram_dir):
+    """Round 1 distils into a Unigram student; round 2's teacher is that student, so its cache speaks Unigram."""
+    from pipeline import cli
+    from pipeline.config_loading import load_config
+    from pipeline.rounds.config import RunJob, previous_final
+
+    student = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "num_key_value_heads": 2}
+    config = {"run": {"dir": str(tmp_path / "run")}, "teacher": {"model": str(llama_dir)}, "device": "cpu",
+              "data": {"path": str(corpus_jsonl), "seq_len": 32, "holdout_fraction": 0.1},
+              "cache": {"root": str(tmp_path / "caches"), "mode": "topk", "top_k": 8, "shard_size": 16},
+              "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 0, "eval_every": 0, "warmup_steps": 1},
+              "loss": {"kind": "forward_kl"},
+              "rounds": [{"student": {"config": student, "tokenizer": str(unigram_dir)},
+                          "loss": {"cross_tokenizer": "uld", "alpha": 0.5}},
+                         {"student": {"config": student}}]}
+    (tmp_path / "run.yaml").write_text(json.dumps(config))
+    assert cli.main(["run", "--config", str(tmp_path / "run.yaml")]) == 0
+    job = load_config(RunJob, tmp_path / "run.yaml", [])
+    unigram = tokenizer_sha256(AutoTokenizer.from_pretrained(str(unigram_dir)))
+    round_two_cache = json.loads((tmp_path / "run" / "state.json").read_text())["rounds"]["2"]["cache"]["dir"]
+    assert json.loads((Path(round_two_cache) / "manifest.json").read_text())["tokenizer"]["sha256"] == unigram
+    check_final(previous_final(job, 3), unigram_dir)  # round 2's student: the Unigram tokenizer throughout
+    rows = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert [r["KL to teacher"] is None for r in rows] == [True, False]
+    assert all(r["bits/byte"] > 0 for r in rows)
+    assert rows[0]["student tokenizer"] == "unigram" and rows[1]["student tokenizer"] == "the cache's"

@@ -140,3 +140,16 @@ def test_quick_on_policy_study_writes_every_arm(tmp_path, llama_dir):
     assert [row["arm"] for row in data["summary"]] == ["teacher", "student0", *ARMS, STALENESS_ARM]
     assert all(r["reverse_kl_own"] >= 0 and 0 <= r["task_chrf"] <= 1 for r in data["records"])
     assert [len(d) - 2 for d in data["drift"]] == [QUICK.rounds] * QUICK.key_seeds + [1]
+
+
+@pytest.mark.bench_smoke  # about 25 s on a 2-core Zen 4 EPYC
+def test_quick_cross_tokenizer_study_trains_every_arm_from_one_cache(tmp_path, llama_dir):
+    from pipeline.bench.cross_tokenizer_study import ARMS, run_cross_tokenizer_study
+
+    results = run_cross_tokenizer_study(tmp_path / "out", tmp_path / "work", llama_dir, quick=True, device="cpu")
+    data = json.loads((results.parent / "results.json").read_text())
+    assert [(r["tokenizer"], r["loss"]) for r in data["runs"]] == list(ARMS)
+    assert all(r["bpb"] > 0 for r in data["runs"])
+    assert set(data["goals"]) == {"kjv_bpe/uld", "kjv_bpe/gold", "unigram/uld", "unigram/gold"}
+    assert 0 < data["token_role_bytes_per_token"] < 1
+    assert [p.name for p in (tmp_path / "work").iterdir() if p.name.startswith("cache")] == ["cache"]  # built once

@@ -2,6 +2,7 @@
 benchmark code only when run."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 
@@ -24,20 +25,25 @@ def _study(args) -> int:
     return 0
 
 
-def _study_cross_tokenizer(args) -> int:
-    from pipeline.bench.cross_tokenizer_study import run_cross_tokenizer_study
+def _study_of(module: str, function: str):
+    """The handler of a study with one teacher: ``function(out, work, teacher, quick=, device=)`` of ``module``."""
+    def run(args) -> int:
+        study = getattr(importlib.import_module(module), function)
+        work = Path(args.work or f"{args.out}-work")
+        print(study(Path(args.out), work, Path(args.teacher), quick=args.quick, device=args.device))
+        return 0
 
-    work = Path(args.work) if args.work else Path(f"{args.out}-work")
-    print(run_cross_tokenizer_study(Path(args.out), work, Path(args.teacher), quick=args.quick, device=args.device))
-    return 0
+    return run
 
 
-def _study_on_policy(args) -> int:
-    from pipeline.bench.on_policy_study import run_on_policy_study
-
-    work = Path(args.work or f"{args.out}-work")
-    print(run_on_policy_study(Path(args.out), work, Path(args.teacher), quick=args.quick, device=args.device))
-    return 0
+def _add_study(commands, name: str, help: str, outputs: str, teacher: str, work: str, run) -> None:
+    parser = commands.add_parser(name, help=help)
+    parser.add_argument("--out", required=True, help=f"output directory: {outputs}")
+    parser.add_argument("--teacher", required=True, help=teacher)
+    parser.add_argument("--work", help=f"{work}, kept so that a rerun continues (default: <out>-work)")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run, not a result")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.set_defaults(run=run)
 
 
 def add_parsers(commands) -> None:
@@ -61,21 +67,11 @@ def add_parsers(commands) -> None:
                        help="after this study, train the runs of this teacher's study (repeatable) that no other "
                             "process has claimed, in the same --work; its own `distillery study` reports them")
     study.set_defaults(run=_study)
-    on_policy = commands.add_parser("study-on-policy", help="does staged on-policy distillation correct errors? "
-                                    "six arms on the verse recitations (`make study-on-policy`)")
-    on_policy.add_argument("--out", required=True, help="output directory: results.json, results.md and a plot")
-    on_policy.add_argument("--teacher", required=True, help="the demo teacher folder, fine-tuned first on the task")
-    on_policy.add_argument("--work", help="teacher, students, caches and runs, kept so that a rerun continues "
-                                          "(default: <out>-work)")
-    on_policy.add_argument("--quick", action="store_true", help="tiny smoke run, not a result")
-    on_policy.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    on_policy.set_defaults(run=_study_on_policy)
-    cross = commands.add_parser("study-cross-tokenizer", help="one SmolLM2 cache, students of three tokenizers: "
-                                "CE, uld, gold and same-tokenizer KD in bits per byte (`make study-cross-tokenizer`)")
-    cross.add_argument("--out", required=True, help="output directory: results.json and results.md")
-    cross.add_argument("--teacher", required=True, help="the teacher folder (SmolLM2: `make real-teacher`)")
-    cross.add_argument("--work", help="tokenizers, the cache and the runs, kept so that a rerun continues "
-                                      "(default: <out>-work)")
-    cross.add_argument("--quick", action="store_true", help="tiny smoke run, not a result")
-    cross.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    cross.set_defaults(run=_study_cross_tokenizer)
+    _add_study(commands, "study-on-policy", "does staged on-policy distillation correct errors? six arms on the "
+               "verse recitations (`make study-on-policy`)", "results.json, results.md and a plot",
+               "the demo teacher folder, fine-tuned first on the task", "teacher, students, caches and runs",
+               _study_of("pipeline.bench.on_policy_study", "run_on_policy_study"))
+    _add_study(commands, "study-cross-tokenizer", "one SmolLM2 cache, students of three tokenizers: CE, uld, gold and "
+               "same-tokenizer KD in bits per byte (`make study-cross-tokenizer`)", "results.json and results.md",
+               "the teacher folder (SmolLM2: `make real-teacher`)", "tokenizers, the cache and the runs",
+               _study_of("pipeline.bench.cross_tokenizer_study", "run_cross_tokenizer_study"))
