@@ -103,7 +103,7 @@ class CacheConfig:
     seed: int = 0
     """Seed of ``sample`` mode; the draws for a sequence depend only on it and the sequence index."""
     text_alignment: bool = True
-    """Store ``token_role`` (1 byte per token before compression, about 0.001 after), which marks the EOS that
+    """Store ``token_role`` (1 byte per token before compression, 0.0044 after on SmolLM2's top-32 study cache), which marks the EOS that
     packing adds and the padding, so that each sequence's exact text can be spelled again and students with other
     tokenizers train from this cache (``student.tokenizer``). False gives a cache for same-tokenizer students only."""
 
