@@ -31,7 +31,6 @@ from pipeline.models.token_bytes import BYTE_PIECE, byte_ends, byte_lengths, voc
 from storage import ROLE_DOCUMENT_END, ROLE_TEXT
 
 PAD_MULTIPLE = 8
-STUDENT_KEYS = ("input_ids", "loss_mask", "kd_mask", "teacher_position", "target_bytes")
 
 
 def _utf8_span(data: bytes, at_start: bool, at_end: bool) -> tuple[int, int]:
