@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH) -e '.[dev,gguf]'
+	$(BIN)/pip install -q $(TORCH) -e '.[dev,gguf,trackers,lora,eval,docs]'
 	touch $@
 
 test: install
