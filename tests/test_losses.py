@@ -114,6 +114,31 @@ def test_ground_truth_tail_moves_mass_to_label():
     torch.testing.assert_close(kd_loss(student, ids, lp, tail, label_in, tail="ground_truth")[0], expect)
 
 
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("tail", ["bucket", "ground_truth", "renormalize"])
+def test_unused_slots_and_a_stored_label_give_finite_loss_and_gradients(kind, tail):
+    """Sample caches leave slots unused (-1) and the label is usually stored: no inf, no NaN gradient."""
+    teacher, student = torch.randn(4, 9), torch.randn(4, 9, requires_grad=True)
+    ids, lp, tail_lp = topk_targets(teacher, 3, 1.0)
+    ids[0, 2], lp[0, 2] = -1, float("-inf")
+    loss = kd_loss(student, ids, lp, tail_lp, ids[:, 0].clone(), kind=kind, tail=tail)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(student.grad).all()
+
+
+def test_reverse_kl_ground_truth_with_the_label_stored_compares_on_the_stored_ids():
+    """The teacher's tail moves onto a stored label, so it puts no mass outside the stored ids: the student is
+    renormalised over them (as the bucket treatment does for an empty tail) instead of an infinite KL."""
+    teacher, student = torch.tensor([[4.0, 3.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 2.0, 0.0]])
+    ids, lp, tail = topk_targets(teacher, 2, 1.0)
+    p = torch.softmax(teacher[0], -1)
+    want_p = torch.stack([p[0], 1 - p[0]])
+    q = torch.softmax(student[0, [0, 1]], -1)
+    expect = (q * (q.log() - want_p.log())).sum()
+    got = kd_loss(student, ids, lp, tail, torch.tensor([1]), kind="reverse_kl", tail="ground_truth")[0]
+    torch.testing.assert_close(got, expect)
+
+
 def test_renormalize_drops_the_tail():
     teacher, student = torch.randn(3, 10), torch.randn(3, 10)
     ids, lp, tail = topk_targets(teacher, 3, 1.0)

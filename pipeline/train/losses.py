@@ -101,7 +101,10 @@ def jsd(p: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
         return forward_kl(p, q)
     if beta == 1.0:
         return reverse_kl(p, q)
-    m = torch.logaddexp(p + math.log(beta), q + math.log(1.0 - beta))
+    # Where both sides are empty, logaddexp(-inf, -inf) has a NaN gradient: take m there from finite stand-ins.
+    absent = torch.isneginf(p) & torch.isneginf(q)
+    m = torch.logaddexp(p.masked_fill(absent, 0.0) + math.log(beta), q.masked_fill(absent, 0.0) + math.log(1.0 - beta))
+    m = m.masked_fill(absent, NEG_INF)
     return beta * _safe_kl_terms(p, m).sum(-1) + (1.0 - beta) * _safe_kl_terms(q, m).sum(-1)
 
 
@@ -126,10 +129,14 @@ def _bucket(pair: SparsePair, on_support: bool) -> tuple[torch.Tensor, torch.Ten
     """One extra bucket on each side holds the mass outside the stored ids. Where the teacher's tail is empty, a
     divergence ``on_support`` compares the student renormalised over the stored ids instead."""
     p, q = with_bucket(pair.t_lp, pair.t_tail), with_bucket(pair.s_lp, pair.s_tail)
-    if on_support:
-        empty = torch.isneginf(pair.t_tail)[:, None]
-        q = torch.where(empty, with_bucket(renormalized(pair.s_lp), torch.full_like(pair.s_tail, NEG_INF)), q)
-    return p, q
+    return p, _on_support(p, q, pair.s_lp) if on_support else q
+
+
+def _on_support(p: torch.Tensor, q: torch.Tensor, s_lp: torch.Tensor) -> torch.Tensor:
+    """(N, W + 1) student ``q`` whose last entry holds mass outside the stored ids: where the teacher's ``p``
+    puts none there, the student renormalised over the stored ids instead, with nothing in that entry."""
+    empty = torch.isneginf(p[:, -1:])
+    return torch.where(empty, with_bucket(renormalized(s_lp), torch.full_like(s_lp[:, 0], NEG_INF)), q)
 
 
 def _ground_truth(pair: SparsePair, on_support: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +147,8 @@ def _ground_truth(pair: SparsePair, on_support: bool) -> tuple[torch.Tensor, tor
     merged = torch.where(match, torch.logaddexp(t_lp, t_tail[:, None]), t_lp)
     extra_t = torch.where(match.any(-1), torch.full_like(t_tail, NEG_INF), t_tail)
     extra_s = torch.where(has_label & ~match.any(-1), pair.at_label(), pair.s_tail)
-    return torch.cat([merged, extra_t[:, None]], -1), torch.cat([pair.s_lp, extra_s[:, None]], -1)
+    p, q = torch.cat([merged, extra_t[:, None]], -1), torch.cat([pair.s_lp, extra_s[:, None]], -1)
+    return p, _on_support(p, q, pair.s_lp) if on_support else q
 
 
 def _renormalize(pair: SparsePair, on_support: bool) -> tuple[torch.Tensor, torch.Tensor]:
