@@ -47,6 +47,12 @@ def get_logger(stage: str) -> logging.Logger:
 def set_verbosity(level: int) -> None:
     """-1: warnings only (``--quiet``), no progress bars; 0: progress messages and bars; 1: debug detail (``-v``)."""
     _configure().setLevel({-1: logging.WARNING, 0: logging.INFO}.get(level, logging.DEBUG))
+    # transformers' own bars (loading weights) and the hub's (downloads) follow: a refusal found after a model
+    # loads must still be one line on stderr. Imported only when quiet, or when already loaded.
+    if level < 0 or "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        (hf_logging.disable_progress_bar if level < 0 else hf_logging.enable_progress_bar)()
 
 
 def progress_bars() -> bool:

@@ -116,6 +116,15 @@ def test_changed_settings_do_not_resume_silently(tmp_path, topk_cache):
     assert (fresh / "model.safetensors").is_file()
 
 
+def test_keys_added_since_a_checkpoint_resume_when_left_unset():
+    """A checkpoint written before ``student.lora`` existed resumes with it unset, but not with it set."""
+    from pipeline.train.resume import changed_settings
+
+    before = {"train.lr": "0.001"}
+    assert changed_settings(before, {**before, "student.lora": "null"}) == ""
+    assert changed_settings(before, {**before, "student.lora.r": "8"}) == "student.lora.r: unset -> 8"
+
+
 def test_kd_lowers_held_out_kl(tmp_path, topk_cache):
     out = train(train_args(topk_cache, tmp_path / "o", **{"train.steps": 30, "train.eval_every": 1,
                                                           "train.checkpoint_every": 0, "train.lr": 0.01}))

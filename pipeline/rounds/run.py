@@ -42,6 +42,7 @@ from pipeline.rounds.state import STATE_NAME, read_state, stage_lock, stage_reco
 from pipeline.train.recipe import final_exists
 from pipeline.train.resume import changed_settings, result_settings
 from pipeline.train.run import train_from_cache
+from pipeline.train.trackers import RoundGroup, require_trackers, round_of_run
 from storage import CONFIG_NAME, CacheNotFoundError, Mirror, join, write_text
 
 log = get_logger("run")
@@ -97,7 +98,8 @@ def _train_stage(job: RunJob, index: int) -> None:
     previous = stage_record(run, index, "train")
     start = time.perf_counter()
     try:
-        final = train_from_cache(train_job(job, index, cache["dir"]))
+        with round_of_run(RoundGroup(run, index, job.round_count())):  # its tracker runs join the run's group
+            final = train_from_cache(train_job(job, index, cache["dir"]))
     finally:  # preempted attempts count toward the stage's wall time too
         if main:
             update_stage(run, index, "train", seconds=previous.get("seconds", 0.0) + time.perf_counter() - start)
@@ -130,6 +132,9 @@ def run_pipeline(job: RunJob, round_index: int | None = None, stage: str | None 
         write_text(run.local / CONFIG_NAME, to_yaml(job))
         run.push(CONFIG_NAME)
     rounds = [round_index] if round_index else range(1, job.round_count() + 1)
+    if stage in (None, "train"):  # a missing tracker package stops the run now, not after hours of caching
+        for index in rounds:
+            require_trackers(train_job(job, index, "<cache of this round>").train.report_to)
     for index in rounds:
         if stage == "prepare":  # not a stage of state.json: the cache stage reuses (or rebuilds) the store itself
             log.info(f"round {index}: token store {prepare_tokens(cache_job(job, index))[3].directory}")

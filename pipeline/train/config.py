@@ -7,7 +7,11 @@ from typing import Literal
 from pipeline.config_loading import build_config, device_problem, merge, need, raise_problems
 from pipeline.data.config import DataConfig
 from pipeline.errors import ConfigError
+from pipeline.train.lora import LoraConfig, lora_problems
+from pipeline.train.online import OnlineConfig
 from storage import DEFAULT_LOCAL_BYTES
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # what train.report_to may name (pipeline.train.trackers)
 
 
 @dataclass
@@ -54,22 +58,27 @@ class StudentConfig:
     layers: list | None = None
     """Layer indices kept by ``from_teacher``; default every other layer."""
     seed: int = 0
-    """Seed of the random initialisation."""
+    """Seed of the random initialisation: a ``config`` student's weights, or the adapters of ``lora``."""
     tokenizer: str | None = None
     """Folder (or hub id) of the student's own tokenizer; default the cache's. Another tokenizer than the cache's
     makes a cross-tokenizer student: the cache (with text alignment) is spelled as text, tokenized by this one and
     aligned by bytes, and ``loss.cross_tokenizer`` chooses the loss. ``final/`` holds this tokenizer."""
+    lora: LoraConfig | None = None
+    """Train peft LoRA adapters, not a pretrained student's weights: ``{r, alpha, dropout, target_modules, merge}``."""
 
     def __post_init__(self):
         given = [k for k in ("model", "config", "from_teacher") if getattr(self, k)]
         raise_problems(need(len(given) == 1, "model", f"set exactly one of student.model, student.config, "
                                                        f"student.from_teacher (got {given or 'none'})"),
                        need(self.config is None or "model_type" in self.config, "config",
-                             "needs model_type (e.g. llama or gpt2)"))
+                             "needs model_type (e.g. llama or gpt2)"),
+                       *lora_problems(self.lora, random_init=bool(self.config), from_teacher=bool(self.from_teacher)))
 
 
 @dataclass
 class LossConfig:
+    """``loss``: the objective, ``alpha * CE + (1 - alpha) * KD`` on the cached soft targets."""
+
     kind: Literal["forward_kl", "reverse_kl", "jsd", "ce"] = "forward_kl"
     """KD divergence on the soft targets, or ``ce`` for hard labels only."""
     tail: Literal["bucket", "ground_truth", "renormalize"] = "bucket"
@@ -107,28 +116,6 @@ class LiveTeacherConfig:
     """Hub revision (branch, tag or commit) of the live teacher."""
     trust_remote_code: bool = False
     """Allow model code shipped with the live teacher's checkpoint to run. Only enable for repos you trust."""
-
-
-@dataclass
-class OnlineConfig:
-    """``online``: GKD-style online on-policy distillation, the yardstick of staged on-policy rounds. Every step
-    the student completes a batch of prompts and the live teacher (``loss.teacher_live``) scores each completion
-    over the full vocabulary. The cache then serves only the held-out evaluation, the tokenizer and the vocabulary."""
-
-    prompts: DataConfig = field(default_factory=DataConfig)
-    """The prompts, read as ``distillery generate`` reads ``data.*``; the documents that
-    ``prompts.holdout_fraction`` holds out are never trained on. The order is a function of (train.seed, epoch)."""
-    max_new_tokens: int = 48
-    """Longest completion the student writes."""
-    temperature: float = 1.0
-    """Sampling temperature of the student (0 = greedy)."""
-    top_p: float = 1.0
-    """Nucleus of the student's sampling distribution."""
-
-    def __post_init__(self):
-        raise_problems(need(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"),
-                       need(self.temperature >= 0, "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}"),
-                       need(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}"))
 
 
 @dataclass
@@ -194,10 +181,15 @@ class TrainConfig:
     """``single``: one process; ``ddp``: DistributedDataParallel replicas; ``fsdp``: FSDP2 shards (one unit per
     decoder layer, bf16 compute on GPU), for students whose weights and AdamW state do not fit one GPU.
     ``auto``: ``single`` for one process, ``ddp`` under torchrun."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that get every ``metrics.jsonl`` record (rank 0), resumed with the job: any of
+    ``tensorboard``, ``wandb``, ``mlflow``, each an extra (``pip install 'distillery[wandb]'``); see docs/trackers.md."""
 
     def __post_init__(self):
         raise_problems(
             need(bool(self.out_dir), "out_dir", "is required"),
+            need(all(name in TRACKERS for name in self.report_to), "report_to", f"unknown trackers "
+                 f"{[name for name in self.report_to if name not in TRACKERS]}; choose from {', '.join(TRACKERS)}"),
             need(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}"),
             need(self.batch_size >= 1, "batch_size", "must be >= 1"),
             need(self.grad_accum >= 1, "grad_accum", "must be >= 1"),

@@ -13,16 +13,41 @@ positions that are trained.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
 import torch
 
+from pipeline.config_loading import need, raise_problems
+from pipeline.data.config import DataConfig
 from pipeline.data.prompts import Prompt
 from pipeline.models.decode import Sampling, decode, row_seed, stop_and_pad
 from storage import StreamOrder, StreamState
 
 Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class OnlineConfig:
+    """``online``: GKD-style online on-policy distillation, the yardstick of staged on-policy rounds. Every step
+    the student completes a batch of prompts and the live teacher (``loss.teacher_live``) scores each completion
+    over the full vocabulary. The cache then serves only the held-out evaluation, the tokenizer and the vocabulary."""
+
+    prompts: DataConfig = field(default_factory=DataConfig)
+    """The prompts, read as ``distillery generate`` reads ``data.*``; the documents that
+    ``prompts.holdout_fraction`` holds out are never trained on. The order is a function of (train.seed, epoch)."""
+    max_new_tokens: int = 48
+    """Longest completion the student writes."""
+    temperature: float = 1.0
+    """Sampling temperature of the student (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus of the student's sampling distribution."""
+
+    def __post_init__(self):
+        raise_problems(need(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"),
+                       need(self.temperature >= 0, "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}"),
+                       need(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}"))
 
 
 @lru_cache(maxsize=2)

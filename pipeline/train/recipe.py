@@ -34,6 +34,7 @@ from pipeline.models.hf import load_model
 from pipeline.train.checkpoint import CHECKPOINTS, publish_checkpoint, restore_rng, save_checkpoint
 from pipeline.train.config import LiveTeacherConfig, Phase, StudentConfig, TrainConfig
 from pipeline.train.evaluate import evaluate
+from pipeline.train.lora import ADAPTER_LAST, attach_lora, save_student, saves_adapter
 from pipeline.train.metrics import METRICS_NAME, DataWait, MetricsLog, chain_samples
 from pipeline.train.online import OnlineBatches
 from pipeline.train.parallel import full_state_dict, gradient_scale, gradient_sync, resolve_strategy, wrap
@@ -42,6 +43,7 @@ from pipeline.train.schedule import lr_at, phase_at
 from pipeline.train.sources import BatchSource
 from pipeline.train.step import LossFacts, combine, micro_batch_sums, token_counts
 from pipeline.train.student import build_student
+from pipeline.train.trackers import TRACKERS_NAME, Trackers, require_trackers
 from storage import (
     CONFIG_NAME,
     DirectoryInUseError,
@@ -58,12 +60,13 @@ from storage import (
 
 log = get_logger("train")
 FINAL, FINAL_LAST = "final", "config.json"
-"""``final/`` is uploaded with ``config.json`` last (a folder without one does not load as a model anyway)."""
+"""``final/`` is uploaded with ``config.json`` last (a folder without one does not load as a model anyway); a LoRA
+adapter folder (``student.lora.merge: false``) with ``adapter_config.json`` last."""
 
 
 def final_exists(out: Mirror) -> bool:
     """Whether ``out``'s destination holds a whole ``final/``: a killed upload lacks its last file."""
-    return out.exists(f"{FINAL}/{FINAL_LAST}")
+    return any(out.exists(f"{FINAL}/{last}") for last in (FINAL_LAST, ADAPTER_LAST))
 
 
 class TrainingRecipe:
@@ -82,9 +85,11 @@ class TrainingRecipe:
         self.result = join(train.out_dir, FINAL)  # where the student ends up: ``final`` itself, or its URL
         self.lock = DirectoryLock(self.out)
         self.total = sum(p.steps for p in phases)
+        self.metrics: Trackers | None = None  # metrics.jsonl and train.report_to's trackers, opened by setup
 
     def setup(self) -> None:
         """Process group, output directory, model, engine, optimizer, schedule, resume state, live teachers, data."""
+        require_trackers(self.cfg.report_to)  # a missing tracker package stops the job before any model loads
         self.world = world()
         self.strategy = resolve_strategy(self.cfg.strategy, self.world)
         self.device = resolve_device(self.device_name, self.world.local_rank)
@@ -94,6 +99,7 @@ class TrainingRecipe:
         self.precision = compute_dtype(self.cfg.precision, self.device, allow_fp16=False)
         self._lock_out_dir()
         self.model = build_student(self.student_cfg, self.source.vocab_size, self.source.tokenizer, self.local_dir)
+        self.adapter = attach_lora(self.model, self.student_cfg.lora, self.strategy, self.student_cfg.seed)
         self.model = self.model.to(self.device).train()
         self.engine = wrap(self.model, self.strategy, self.device, self.world)
         self.head = LogitHead.of(self.model)
@@ -101,8 +107,8 @@ class TrainingRecipe:
         self.facts = LossFacts(real_vocab=self.source.real_vocab, cache_temperature=self.source.temperature,
                                teacher_vocab=self.source.teacher_vocab,
                                id_map=alignment.id_map.to(self.device) if alignment else None)
-        self.optimizer = torch.optim.AdamW(self.engine.parameters(), lr=1.0, weight_decay=self.cfg.weight_decay,
-                                           betas=(0.9, 0.95))
+        trainable = [p for p in self.engine.parameters() if p.requires_grad]  # a LoRA student's adapters alone
+        self.optimizer = torch.optim.AdamW(trainable, lr=1.0, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.95))
         # The optimizer's lr is 1, so the schedule's value is the learning rate itself.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_at(s, self.phases, self.cfg.warmup_steps, self.cfg.min_lr_ratio))
@@ -122,7 +128,8 @@ class TrainingRecipe:
         log.info(f"student computes in {dtype_choice(self.cfg.precision, self.precision, self.device)}")
         if self.complete:
             return
-        self.metrics = MetricsLog(self.out / METRICS_NAME, self.step, self.world.is_main)
+        self.metrics = Trackers.open(MetricsLog(self.out / METRICS_NAME, self.step, self.world.is_main),
+                                     self.cfg.report_to, self.mirror, self.config_yaml, self.step, self.world.is_main)
         paths = {p.loss.teacher_live for p in self.phases if p.loss.teacher_live}
         c = self.live_cfg
         self.live = {path: load_model(path, self.device, c.dtype, c.revision, c.trust_remote_code,
@@ -148,7 +155,9 @@ class TrainingRecipe:
             raise held_elsewhere or DirectoryInUseError(f"train.out_dir {self.out} is in use by another job")
 
     def close(self) -> None:
-        """Release ``out_dir`` (the kernel does it anyway when the process ends)."""
+        """End the tracker runs and release ``out_dir`` (the kernel does it anyway when the process ends)."""
+        if self.metrics:
+            self.metrics.close(complete=self.complete)
         self.lock.release()
 
     @property
@@ -216,23 +225,23 @@ class TrainingRecipe:
         barrier(self.world)
 
     def _push_records(self) -> None:
-        """Upload ``config.yaml`` and ``metrics.jsonl`` before what they go with: the destination's records then
-        always reach its newest checkpoint, and a resume drops those after it."""
-        for name in (CONFIG_NAME, METRICS_NAME):
+        """Upload ``config.yaml``, ``metrics.jsonl`` and ``trackers.json`` before what they go with: the
+        destination's records then always reach its newest checkpoint, and a resume drops those after it."""
+        for name in (CONFIG_NAME, METRICS_NAME, TRACKERS_NAME):
             if (self.out / name).is_file():
                 self.mirror.push(name)
 
     def save_final(self) -> None:
-        """The student as a plain ``save_pretrained`` folder with its tokenizer, the cache's unless
-        ``student.tokenizer`` names another (gathered on rank 0)."""
+        """The student as a plain ``save_pretrained`` folder (or a LoRA adapter folder) with its tokenizer, the
+        cache's unless ``student.tokenizer`` names another (gathered on rank 0)."""
         weights = full_state_dict(self.model, self.strategy)
         if self.world.is_main:
             self.mirror.remove(FINAL)  # an older student (before train.steps grew) must not look complete meanwhile
             with atomic_write(self.final) as tmp:
-                self.model.save_pretrained(str(tmp), state_dict=weights, safe_serialization=True)
+                save_student(self.model, self.adapter, self.student_cfg.lora, weights, tmp)
                 self.source.tokenizer.save_pretrained(str(tmp))
             self._push_records()
-            self.mirror.push(FINAL, last=(FINAL_LAST,))
+            self.mirror.push(FINAL, last=(ADAPTER_LAST if saves_adapter(self.student_cfg.lora) else FINAL_LAST,))
             log.info(f"saved the student to {self.result}")
         barrier(self.world)
 

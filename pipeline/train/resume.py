@@ -42,7 +42,7 @@ log = get_logger("train")
 FREE_ON_RESUME = {"train.log_every", "train.eval_every", "train.eval_batches", "train.num_workers", "train.strategy",
                   "train.batch_size", "train.grad_accum", "train.checkpoint_every", "train.keep_checkpoints",
                   "train.resume", "train.out_dir", "device", "cache.verify", "cache.local_dir", "cache.local_bytes",
-                  "data.num_proc", "data.streaming"}
+                  "data.num_proc", "data.streaming", "train.report_to"}
 """Keys that may change between a checkpoint and its resume (the global batch is checked on its own)."""
 
 
@@ -63,8 +63,10 @@ def result_settings(config_yaml: str) -> dict[str, str]:
 
 
 def changed_settings(before: dict[str, str], after: dict[str, str]) -> str:
-    """``key: old -> new`` for every setting that differs, joined with ``; `` (empty when none does)."""
-    changed = sorted(k for k in {*before, *after} if before.get(k) != after.get(k))
+    """``key: old -> new`` for every setting that differs, joined with ``; `` (empty when none does). A key that
+    one side lacks counts as null there: a key added to the configs since the checkpoint, left unset, changes
+    nothing."""
+    changed = sorted(k for k in {*before, *after} if before.get(k, "null") != after.get(k, "null"))
     return "; ".join(f"{k}: {before.get(k, 'unset')} -> {after.get(k, 'unset')}" for k in changed)
 
 

@@ -7,6 +7,7 @@ in the backward pass.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,8 +58,14 @@ def token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def micro_batch_sums(model, head: LogitHead, batch: dict[str, torch.Tensor], loss: LossConfig, facts: LossFacts,
                      chunk_size: int, teacher=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed KD and CE losses (fp32 scalars, with gradients) over the valid tokens of one micro-batch."""
+    return hidden_sums(hidden_states(model, batch["input_ids"]), head, batch, loss, facts, chunk_size, teacher)
+
+
+def hidden_sums(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], batch: dict[str, torch.Tensor],
+                loss: LossConfig, facts: LossFacts, chunk_size: int, teacher=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``micro_batch_sums`` from the student's (B, T, H) final hidden states; ``head`` maps an (n, H) chunk to (n, V)
+    fp32 logits. Given (B, T, V) logits and a head that only casts them, it is the loss of a model's own output."""
     labels, kd_mask, ce_mask = labels_and_masks(batch)
-    hidden = hidden_states(model, batch["input_ids"])
     flat = hidden.reshape(-1, hidden.shape[-1])
     labels, kd_mask, ce_mask = labels.reshape(-1), kd_mask.reshape(-1), ce_mask.reshape(-1)
     temperature = loss.temperature or facts.cache_temperature

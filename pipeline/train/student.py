@@ -7,6 +7,7 @@ from torch import nn
 from pipeline.errors import ConfigError, TeacherError
 from pipeline.models.hf import load_failure, local_model, max_positions, tokenizer_sha256
 from pipeline.train.config import StudentConfig
+from pipeline.train.lora import refuse_adapter_folder
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")
 
@@ -48,7 +49,9 @@ def build_student(cfg: StudentConfig, cache_vocab: int, tokenizer, local_dir: st
 
     if cfg.model or cfg.from_teacher:
         name = cfg.model or cfg.from_teacher
-        path = local_model(name, local_dir, key="student.model" if cfg.model else "student.from_teacher")
+        key = "student.model" if cfg.model else "student.from_teacher"
+        path = local_model(name, local_dir, key=key)
+        refuse_adapter_folder(path, key)
         try:
             own = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
