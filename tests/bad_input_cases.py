@@ -174,6 +174,12 @@ def wrong_directories(command: str, wanted: str) -> list[Case]:
 HIDDEN_30 = "{model_type: llama, hidden_size: 30, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4}"
 ROUND = {"student": {"config": yaml.safe_load(STUDENT)}}
 
+
+def pretrained(i: Inputs) -> dict:
+    """Train overrides that make the shared teacher a pretrained student."""
+    return {"student.config": "null", "student.model": i.teacher}
+
+
 CASES = [
     # stage 1: the teacher
     Case("missing-model-path", lambda i: cache_cmd(i, **{"teacher.model": i.tmp / "no-such-model"}),
@@ -283,6 +289,8 @@ CASES = [
          ("cache.draws_per_epoch: must be >= 1 or null", "got 0"), TRAIN_OUT),
     Case("draws-per-epoch-on-topk-cache", lambda i: train_cmd(i, **{"cache.draws_per_epoch": 4}),
          ("cache.draws_per_epoch=4 needs a sample or hybrid cache", "is a topk cache"), TRAIN_OUT),
+    Case("train-report-to-unknown", lambda i: train_cmd(i, **{"train.report_to": "[tensorbord]"}),
+         ("train.report_to: unknown trackers ['tensorbord']", "choose from tensorboard, wandb, mlflow"), TRAIN_OUT),
     Case("train-device-tpu", lambda i: train_cmd(i, device="tpu"), ("device: must be auto, cpu, cuda or cuda:N, got 'tpu'",),
          TRAIN_OUT),
     Case("train-online-without-live-teacher",
@@ -303,6 +311,14 @@ CASES = [
     Case("train-student-tokenizer-does-not-load",
          lambda i: train_cmd(i, **{"student.tokenizer": write(i.tmp / "tok" / "tokenizer.json", "{broken").parent}),
          ("student.tokenizer", "does not load as a tokenizer"), TRAIN_OUT),
+    # LoRA students (refusals that need the student's weights loaded are in test_lora)
+    Case("train-lora-on-a-random-init-student", lambda i: train_cmd(i, **{"student.lora": "{r: 4}"}),
+         ("student.lora: adapts a pretrained student: set student.model",), TRAIN_OUT),
+    Case("train-lora-rank-zero", lambda i: train_cmd(i, **{**pretrained(i), "student.lora": "{r: 0}"}),
+         ("student.lora.r: must be >= 1, got 0",), TRAIN_OUT),
+    Case("train-student-is-a-lora-adapter", lambda i: train_cmd(i, **{
+        **pretrained(i), "student.model": write(i.tmp / "adapter" / "adapter_config.json", "{}").parent}),
+         ("student.model", "adapter", "is a LoRA adapter folder", "student.lora.merge: true"), TRAIN_OUT),
     Case("changed-config-on-out-dir", changed_config,
          ('loss.kind: "forward_kl" -> "jsd"', "train.lr: 0.001 -> 0.002", "train.resume=never"), TRAIN_OUT,
          untouched=TRAIN_OUT),
@@ -329,6 +345,14 @@ CASES = [
          ("on_policy.rounds: must be an integer >= 1, got 0",), RUN_OUT),
     Case("run-round-out-of-range", run_cmd([ROUND], "--round", "3"), ("--round 3", "1..1"), RUN_OUT),
     Case("run-damaged-state", damaged_state, ("run/state.json is not valid JSON", "delete it to redo every stage")),
+    # distillery eval (lm-evaluation-harness); the missing extra and a hub task offline are in test_lm_eval
+    Case("eval-unknown-task", lambda i: ["eval", "--model", str(i.teacher), "--tasks", "kjv_recitation,no_such_task"],
+         ("--tasks: unknown lm-eval task no_such_task", "lm-eval ls tasks")),
+    Case("eval-missing-model", lambda i: ["eval", "--model", str(i.tmp / "no-such-model")],
+         ("--model", "no-such-model", "not a model folder")),
+    Case("eval-run-with-nothing-trained", lambda i: ["eval", "--run", str(i.run)],
+         ("--run", "shared-run", "no round has trained yet")),
+    Case("eval-limit-zero", lambda i: ["eval", "--model", str(i.teacher), "--limit", "0"], ("--limit: must be >= 1",)),
     *wrong_directories("status", "run"),
     *wrong_directories("report", "run"),
     *wrong_directories("inspect", "cache"),

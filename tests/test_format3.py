@@ -20,6 +20,7 @@ from storage.read.reader import sequential_batches
 from storage.remote.store import open_cache
 
 FIXTURES = Path(__file__).parent / "data"
+FORMAT_PAGE = FIXTURES.parent.parent / "docs" / "format.md"
 
 
 @pytest.fixture(scope="module")
@@ -107,28 +108,28 @@ def test_a_cache_written_by_the_format2_release_still_reads_and_trains(tmp_path,
     assert (final / "model.safetensors").is_file()
 
 
-def readme_reader():
-    """The numpy reader shown in the README, executed as written."""
-    text = (FIXTURES.parent.parent / "README.md").read_text()
+def documented_reader():
+    """The numpy reader shown in docs/format.md, executed as written."""
+    text = FORMAT_PAGE.read_text()
     code = text.split("<!-- numpy-reader -->\n```python\n", 1)[1].split("```", 1)[0]
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, str(FORMAT_PAGE), "exec"), scope)
     return scope["read_shard"]
 
 
 @pytest.mark.parametrize("mode", ["topk", "sample", "hybrid"])
-def test_the_readme_numpy_reader_matches_distillery(tmp_path, wide_model, corpus_jsonl, mode):
+def test_the_documented_readers_match_distillery(tmp_path, wide_model, corpus_jsonl, mode):
     directory = cache(cache_args(wide_model, corpus_jsonl, tmp_path / "c", **{
         "cache.mode": mode, "cache.top_k": 3, "cache.samples": 300, "data.max_tokens": 1024})).directory
-    read_shard = readme_reader()
+    read_shard = documented_reader()
     for path, want in read_all(directory).items():
         ids, logprobs, tail = read_shard(directory, path)
         np.testing.assert_array_equal(ids, want["topk_ids"])
         np.testing.assert_allclose(logprobs, want["topk_logprobs"], rtol=1e-3, atol=1e-3)  # ours: fp16-rounded
         np.testing.assert_array_equal(tail, want["tail_logprob"])
-    snippet = (FIXTURES.parent.parent / "README.md").read_text().split("<!-- storage-reader -->\n```python\n", 1)[1]
+    snippet = FORMAT_PAGE.read_text().split("<!-- storage-reader -->\n```python\n", 1)[1]
     scope = {"directory": directory}
-    exec(compile(snippet.split("```", 1)[0], "README.md", "exec"), scope)
+    exec(compile(snippet.split("```", 1)[0], str(FORMAT_PAGE), "exec"), scope)
     train_shards = {path: arrays for path, arrays in read_all(directory).items() if path.startswith("train-")}
     assert scope["shards"].keys() == train_shards.keys() and train_shards
     for path, arrays in train_shards.items():

@@ -161,7 +161,8 @@ def test_a_run_on_s3_teaches_round_two_with_round_ones_upload(bucket, tmp_path, 
     assert cli.main(["run", "--config", str(config)]) == 0
     run = f"{bucket}/run"
     top = {k for k in keys(run) if "/" not in k}
-    assert top == {"config.yaml", "state.json", "report.md", "report.json", "loss.png", "kl.png"}
+    assert top == {"config.yaml", "state.json", "report.md", "report.html", "report.json", "curves.png", "kl.png",
+                   "continuations.json"}
     for index in (1, 2):
         assert {"cache.json", "train/final/config.json", "train/metrics.jsonl"} <= {
             k.split("/", 1)[1] for k in keys(run) if k.startswith(f"round-{index}/")}

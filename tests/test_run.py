@@ -94,7 +94,8 @@ def test_two_round_run_writes_exactly_its_files(first_run, llama_dir):
     root, _ = first_run
     run = root / "run"
     visible = {p.name for p in run.iterdir() if not p.name.startswith(".")}
-    assert visible == {"config.yaml", "state.json", "report.md", "report.json", "loss.png", "kl.png", "round-1", "round-2"}
+    assert visible == {"config.yaml", "state.json", "report.md", "report.html", "report.json", "curves.png", "kl.png",
+                       "continuations.json", "round-1", "round-2"}
     assert not list(run.rglob(".*.lock")) or [p.name for p in run.rglob(".*.lock")] == [".state.lock"]
     for index in (1, 2):
         assert {p.name for p in (run / f"round-{index}").iterdir()} == {"cache.json", "train"}

@@ -45,7 +45,7 @@ STALENESS_ARM = "staged_on_policy_1_round"
 LOSS = "forward_kl"
 """One divergence for every KD arm, so that the arms differ by their data alone. Forward KL on a sample cache is
 unbiased; reverse KL on a top-32 cache, the first choice, let the student spread the tail bucket's mass anywhere
-(see the README's first run)."""
+(see the first run in docs/quality.md, on-policy study)."""
 CACHE = {"mode": "sample", "samples": 50}
 
 

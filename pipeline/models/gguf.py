@@ -3,9 +3,14 @@
 A GGUF holds the config, the tokenizer (as ``tokenizer.ggml.*`` metadata, with the chat template) and the
 weights. ``pipeline.models.hf`` loads a teacher from one when ``teacher.gguf_file`` is set; ``convert_gguf`` writes one as
 an ordinary ``save_pretrained`` folder. Both need the ``gguf`` package (the ``gguf`` extra).
+
+transformers does not keep a GGUF's name (``general.name``) in the folder it saves: ``convert_gguf`` writes it,
+with the file's name, into ``gguf_source.json`` beside the weights, so that a report can say which model a
+converted folder holds.
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -18,6 +23,8 @@ GGUF_MIN_VERSION = "0.13"
 """transformers asks for 0.10, but gguf 0.10 and 0.11 fail under numpy 2; 0.13 is the oldest tested."""
 INSTALL = "pip install 'gguf>=0.13' (or install Distillery with its gguf extra: pip install -e '.[gguf]')"
 KEY = "teacher.gguf_file"
+SOURCE_NAME = "gguf_source.json"
+"""What ``convert_gguf`` keeps of its source: ``{"gguf_file": name, "general.name": ..., ...}`` (``gguf_metadata``)."""
 log = get_logger("gguf")
 
 
@@ -101,6 +108,17 @@ def gguf_error(gguf_file: str, failure: str, key: str = KEY) -> TeacherError:
     return TeacherError(f"{key} {gguf_file!r} could not be loaded: {failure}")
 
 
+def gguf_metadata(path: str | Path) -> dict[str, str]:
+    """The text fields of a GGUF's ``general.*`` metadata (``general.name``, ``general.organization``,
+    ``general.size_label``, ...), read from its header: no tensor is loaded."""
+    from gguf import GGUFReader, GGUFValueType
+
+    fields = GGUFReader(str(path)).fields
+    # A string field's value is its last part (gguf's ReaderField layout, stable since before 0.13).
+    return {key: bytes(field.parts[field.data[0]]).decode("utf-8", "replace") for key, field in fields.items()
+            if key.startswith("general.") and field.types == [GGUFValueType.STRING]}
+
+
 def locate(model: str, gguf_file: str | None) -> tuple[Path, str]:
     """``(folder, file name)`` of ``convert-gguf``'s ``--model`` (a .gguf file, or a folder) and ``--gguf-file``
     (a name in that folder; optional when the folder holds exactly one .gguf)."""
@@ -137,7 +155,8 @@ def _check_out(out: Path, source: Path, overwrite: bool) -> None:
 
 def convert_gguf(model: str, gguf_file: str | None, out: str | Path, overwrite: bool = False) -> Path:
     """Write the GGUF model ``model``/``gguf_file`` (see ``locate``) as a ``save_pretrained`` folder at ``out``:
-    fp32 safetensors weights, dequantised, and the tokenizer with its chat template. Returns ``out``."""
+    fp32 safetensors weights, dequantised, the tokenizer with its chat template, and ``SOURCE_NAME`` (the file's
+    name and ``general.*`` metadata). Returns ``out``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -148,6 +167,7 @@ def convert_gguf(model: str, gguf_file: str | None, out: str | Path, overwrite: 
     ensure_writable(out.expanduser().resolve().parent, "--out")  # before minutes of loading
     began = time.perf_counter()
     try:
+        source = {"gguf_file": name, **gguf_metadata(folder / name)}
         tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch.float32)
     except (OSError, ValueError) as exc:
@@ -163,6 +183,7 @@ def convert_gguf(model: str, gguf_file: str | None, out: str | Path, overwrite: 
     with atomic_write(out) as tmp:
         plain.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        (tmp / SOURCE_NAME).write_text(json.dumps(source, indent=2) + "\n")
     params = sum(p.numel() for p in plain.parameters())
     log.info(f"converted {folder / name} ({config.model_type}, {params:,} parameters) in "
              f"{time.perf_counter() - began:.0f} s")

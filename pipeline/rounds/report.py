@@ -1,4 +1,6 @@
-"""``distillery report RUN_DIR``: a table of rounds plus loss and KL plots, written into the run directory.
+"""``distillery report RUN_DIR``: what a run made, written into the run directory as ``report.md`` and a
+self-contained ``report.html``: its models by name, a table of rounds, training curves, lm-eval scores where a
+round has them, and what each model writes on held-out prompts.
 
 A run directory at a URL is read through a local copy under ``local_dir`` (its students and teachers too, to
 score them), and the report and plots are uploaded into it.
@@ -19,20 +21,24 @@ from pipeline.rounds.config import (
     previous_final,
     round_data,
     round_name,
+    round_teacher,
     stages_of,
-    train_dir,
 )
+from pipeline.rounds.continuations import (
+    CONTINUATIONS_NAME,
+    NEW_TOKENS,
+    PROMPTS,
+    TEXT_PROMPT_WORDS,
+    PromptSet,
+    continuations,
+)
+from pipeline.rounds.report_html import Block, Figure, Heading, Table, Text, to_html, to_markdown
+from pipeline.rounds.report_lm_eval import LM_EVAL_NAME, lm_eval_table
+from pipeline.rounds.report_models import ModelEntry, run_models
+from pipeline.rounds.report_plots import round_metrics, write_plots
 from pipeline.rounds.state import STATE_NAME, read_state
 from pipeline.train.evaluate import score_against_teacher
-from pipeline.train.metrics import METRICS_NAME
-from storage import (
-    CONFIG_NAME,
-    IDENTITY_NAME,
-    Mirror,
-    atomic_write,
-    open_cache,
-    write_text,
-)
+from storage import CONFIG_NAME, IDENTITY_NAME, Mirror, open_cache, write_text
 
 # Every column has one format, whatever the magnitude of its values.
 COLUMN_FORMATS = {"round": "{}", "teacher": "{}", "student params": "{:,}", "cache tokens": "{:,}",
@@ -42,6 +48,7 @@ COLUMN_FORMATS = {"round": "{}", "teacher": "{}", "student params": "{:,}", "cac
                   "ppl": "{:.1f}", "top-1": "{:.3f}", "bits/byte": "{:.3f}", "student tokenizer": "{}",
                   "cache s": "{:.0f}", "train s": "{:.0f}"}
 COLUMNS = list(COLUMN_FORMATS)
+REPORT_MD, REPORT_HTML, REPORT_JSON = "report.md", "report.html", "report.json"
 
 
 TASK_PROMPTS = 32
@@ -84,12 +91,15 @@ def round_row(job: RunJob, index: int, record: dict, local_dir: str | None = Non
         return tokenizer_sha256(AutoTokenizer.from_pretrained(str(model))) == manifest.tokenizer.get("sha256")
 
     same, unscored = speaks_the_cache(final), {"kl": None, "ppl": None, "top1": None}
+    # score_against_teacher loads save_pretrained folders: a teacher read from a GGUF file is not scored here.
+    scored = same and not round_teacher(job, index)["gguf_file"]
     own = score_against_teacher(final, Path(local_model(cache["teacher"], local_dir)), cache["dir"],
-                                local_dir=local_dir) if same else unscored
+                                local_dir=local_dir) if scored else unscored
     first_teacher = Path(local_model(job.teacher.model, local_dir))
     original = own if cache["teacher"] == job.teacher.model else score_against_teacher(
-        final, first_teacher, cache["dir"], local_dir=local_dir) if same and speaks_the_cache(first_teacher) else unscored
-    evals = [r for r in _metrics(job, index, local_dir) if r["type"] == "eval"]
+        final, first_teacher, cache["dir"], local_dir=local_dir) if same and not job.teacher.gguf_file and \
+        speaks_the_cache(first_teacher) else unscored
+    evals = [r for r in round_metrics(job, index, local_dir) if r["type"] == "eval"]
     teacher = cache["teacher"]
     if index > 1 and teacher == previous_final(job, index):
         teacher = f"round {index - 1} student"
@@ -109,48 +119,6 @@ def round_row(job: RunJob, index: int, record: dict, local_dir: str | None = Non
 
 def _cell(column: str, value) -> str:
     return "–" if value is None else COLUMN_FORMATS[column].format(value)
-
-
-def _metrics(job: RunJob, index: int, local_dir: str | None) -> list[dict]:
-    """The records of round ``index``'s training, from its ``train.out_dir`` (a local copy for a URL)."""
-    out = Mirror(train_dir(job, index), local_dir)
-    out.pull(METRICS_NAME)
-    return [json.loads(line) for line in (out.local / METRICS_NAME).read_text().splitlines()]
-
-
-def _plots(run: Mirror, job: RunJob, rows: list[dict], local_dir: str | None) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    run_dir = run.local
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    for row in rows:
-        points = _metrics(job, row["round"], local_dir)
-        train = [p for p in points if p["type"] == "train"]
-        axis.plot([p["step"] for p in train], [p["loss"] for p in train], label=f"round {row['round']}")
-    axis.set(xlabel="step", ylabel="training loss", title="Training loss per round")
-    axis.legend()
-    names = ["loss.png", "kl.png"]
-    _save(figure, run_dir / names[0])
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    x = [row["round"] for row in rows]
-    def heights(column: str) -> list[float]:  # a student of another tokenizer has no KL: no bar
-        return [float("nan") if row[column] is None else row[column] for row in rows]
-
-    axis.bar([i - 0.2 for i in x], heights("KL to teacher"), width=0.4, label="to its teacher")
-    axis.bar([i + 0.2 for i in x], heights("KL to original"), width=0.4, label="to the original teacher")
-    axis.set(xlabel="round", ylabel="held-out KL (nats/token)", title="Held-out KL per round", xticks=x)
-    axis.legend()
-    _save(figure, run_dir / names[1])
-    plt.close("all")
-    return names
-
-
-def _save(figure, path: Path) -> None:
-    with atomic_write(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
 
 
 def _why_not_a_run(run: Mirror) -> str | None:
@@ -180,37 +148,99 @@ def read_run(run: Mirror) -> tuple[RunJob, dict]:
     raise ConfigError(f"{run.name} is not a Distillery run directory ({why}); give the run.dir of a `distillery run`")
 
 
-def build_report(run_dir: str | Path, local_dir: str | None = None) -> Path:
-    """Write ``report.md``, ``report.json``, ``loss.png`` and ``kl.png`` for the complete rounds (and upload
-    them, for a run at a URL); return the local ``report.md``."""
-    run = Mirror(run_dir, local_dir)
-    job, state = read_run(run)
-    rows, pending = [], []
+ROUNDS_NOTE = (
+    "KL is per-token KL(teacher || student) over the full vocabulary on the held-out split of the round's cache; "
+    "ppl and top-1 (agreement with the round's teacher) on the same tokens; none of them exist for a student of "
+    "another tokenizer, nor against a teacher read from a GGUF file (see the training curves' KL). Bits/byte: the "
+    "student's held-out loss per byte of text (the last evaluation of its training), comparable across "
+    f"tokenizers. Task exact and chrF: the student's greedy answers to the first {TASK_PROMPTS} held-out prompts "
+    "of the round's data, against their references; generations chrF: the round's generations (train prompts) "
+    "against theirs.")
+PROMPTS_SAY = {"text": f"the first {TEXT_PROMPT_WORDS} words of a held-out document",
+               "chat": "the last user turn of a held-out conversation, given in each model's chat template",
+               "prompt_response": "a held-out prompt"}
+
+
+def _model_blocks(models: list[ModelEntry]) -> list[Block]:
+    rows = [[m.role, m.name or "–", f"`{m.path}`", "–" if m.params is None else f"{m.params:,}"] for m in models]
+    return [Heading("Models"), Table(["model", "name", "path", "parameters"], rows)]
+
+
+def _round_blocks(rows: list[dict], pending: list[int]) -> list[Block]:
+    table = Table(COLUMNS, [[_cell(c, row[c]) for c in COLUMNS] for row in rows])
+    waiting = [Text(f"Rounds not complete yet: {pending}.")] if pending else []
+    return [Heading("Rounds"), table, Text(ROUNDS_NOTE), *waiting]
+
+
+def _score_blocks(job: RunJob, rows: list[dict], local_dir: str | None) -> list[Block]:
+    header, scored = lm_eval_table(job, [row["round"] for row in rows], local_dir)
+    if not scored:
+        return []
+    return [Heading("Benchmarks (lm-eval)"), Table(header, scored),
+            Text(f"Each task's main metric from the round's `{LM_EVAL_NAME}` (beside its `final/`); limit: "
+                 "documents per task scored.")]
+
+
+def _continuation_blocks(sets: list[PromptSet], models: list[ModelEntry]) -> list[Block]:
+    blocks: list[Block] = [Heading("What the models write"), Text(
+        f"Greedy continuations, at most {NEW_TOKENS} new tokens, of the first {PROMPTS} held-out prompts of "
+        "each round's data, by every model of the run side by side.")]
+    labels = [m.role for m in models]
+    for prompt_set in sets:
+        which = ", ".join(map(str, prompt_set.rounds))
+        has_reference = any(r is not None for r in prompt_set.references)
+        header = ["prompt", *(["reference"] if has_reference else []), *labels]
+        rows = []
+        for i, shown in enumerate(prompt_set.shown):
+            # None: the model cannot read these prompts; an empty text: it ended at once.
+            written = [("–" if texts is None else texts[i] or "(ends at once)")
+                       for texts in (prompt_set.written[label] for label in labels)]
+            reference = [prompt_set.references[i] or "–"] if has_reference else []
+            rows.append([shown, *reference, *written])
+        blocks += [Heading(f"Round{'s' if len(prompt_set.rounds) > 1 else ''} {which}: "
+                           f"{PROMPTS_SAY[prompt_set.format]}", 3), Table(header, rows, wide=True)]
+    return blocks
+
+
+def _complete_rounds(job: RunJob, state: dict, local_dir: str | None) -> tuple[list[dict], list[int], dict]:
+    """The rows of the complete rounds, the numbers of the others, and each complete round's ``final/``."""
+    rows, pending, finals = [], [], {}
     for index in range(1, job.round_count() + 1):
         record = state.get(str(index), {})
         if record.get("cache", {}).get("status") == "done" and record.get("train", {}).get("status") == "done":
             rows.append(round_row(job, index, record, local_dir))
+            finals[index] = record["train"]["final"]
         else:
             pending.append(index)
-    lines = [f"# Distillery run report: {run.name}", "", "| " + " | ".join(COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(c, row[c]) for c in COLUMNS) + " |" for row in rows]
-    lines += ["", "KL is per-token KL(teacher || student) over the full vocabulary on the held-out split of the "
-              "round's cache; ppl and top-1 (agreement with the round's teacher) on the same tokens; none of them exist "
-              "for a student of another tokenizer. Bits/byte: the student's held-out loss per byte of text (the last "
-              "evaluation of its training), comparable across tokenizers. Task exact and chrF: "
-              f"the student's greedy answers to the first {TASK_PROMPTS} held-out prompts of the round's data, against "
-              "their references; generations chrF: the round's generations (train prompts) against theirs."]
-    if pending:
-        lines += ["", f"Rounds not complete yet: {pending}."]
-    plots = _plots(run, job, rows, local_dir) if rows else []
-    if plots:
-        lines += [""] + [f"![{name}]({name})" for name in plots]
-    write_text(run.local / "report.json", json.dumps(rows, indent=2) + "\n")
-    write_text(run.local / "report.md", "\n".join(lines) + "\n")
-    for name in [*plots, "report.json", "report.md"]:
+    return rows, pending, finals
+
+
+def build_report(run_dir: str | Path, local_dir: str | None = None) -> Path:
+    """Write ``report.md``, ``report.html``, ``report.json``, the figures (``report_plots``) and the kept
+    continuations (``continuations.json``) for the complete rounds, and upload them for a run at a URL; return
+    the local ``report.md``."""
+    run = Mirror(run_dir, local_dir)
+    job, state = read_run(run)
+    rows, pending, finals = _complete_rounds(job, state, local_dir)
+    blocks: list[Block] = [Heading(f"Distillery run report: {run.name}", 1)]
+    written = [REPORT_JSON]
+    if rows:
+        models = run_models(job, rows, finals, local_dir)
+        run.pull(CONTINUATIONS_NAME)
+        sets = continuations(job, list(finals), [m.speaker for m in models], run.local)
+        figures = write_plots(run.local, job, rows, local_dir)
+        blocks += [*_model_blocks(models), *_round_blocks(rows, pending), Heading("Training"),
+                   *[Figure(name) for name in figures], *_score_blocks(job, rows, local_dir),
+                   *_continuation_blocks(sets, models)]
+        written += [*figures, CONTINUATIONS_NAME]
+    else:
+        blocks += _round_blocks(rows, pending)
+    write_text(run.local / REPORT_JSON, json.dumps(rows, indent=2) + "\n")
+    write_text(run.local / REPORT_HTML, to_html(f"Distillery run report: {run.name}", blocks, run.local))
+    write_text(run.local / REPORT_MD, to_markdown(blocks))
+    for name in [*written, REPORT_HTML, REPORT_MD]:
         run.push(name)
-    return run.local / "report.md"
+    return run.local / REPORT_MD
 
 
 def format_status(run_dir: str | Path, local_dir: str | None = None) -> str:
