@@ -42,7 +42,7 @@ from pipeline.rounds.state import STATE_NAME, read_state, stage_lock, stage_reco
 from pipeline.train.recipe import final_exists
 from pipeline.train.resume import changed_settings, result_settings
 from pipeline.train.run import train_from_cache
-from pipeline.train.trackers import RoundGroup, require_trackers, round_of_run
+from pipeline.train.trackers import RoundGroup, require_trackers
 from storage import CONFIG_NAME, CacheNotFoundError, Mirror, join, write_text
 
 log = get_logger("run")
@@ -98,8 +98,7 @@ def _train_stage(job: RunJob, index: int) -> None:
     previous = stage_record(run, index, "train")
     start = time.perf_counter()
     try:
-        with round_of_run(RoundGroup(run, index, job.round_count())):  # its tracker runs join the run's group
-            final = train_from_cache(train_job(job, index, cache["dir"]))
+        final = train_from_cache(train_job(job, index, cache["dir"]), RoundGroup(run, index, job.round_count()))
     finally:  # preempted attempts count toward the stage's wall time too
         if main:
             update_stage(run, index, "train", seconds=previous.get("seconds", 0.0) + time.perf_counter() - start)

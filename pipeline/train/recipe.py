@@ -43,7 +43,7 @@ from pipeline.train.schedule import lr_at, phase_at
 from pipeline.train.sources import BatchSource
 from pipeline.train.step import LossFacts, combine, micro_batch_sums, token_counts
 from pipeline.train.student import build_student
-from pipeline.train.trackers import TRACKERS_NAME, Trackers, require_trackers
+from pipeline.train.trackers import TRACKERS_NAME, RoundGroup, Trackers, require_trackers
 from storage import (
     CONFIG_NAME,
     DirectoryInUseError,
@@ -74,9 +74,10 @@ class TrainingRecipe:
 
     def __init__(self, source: BatchSource, order: StreamOrder, student: StudentConfig, train: TrainConfig,
                  phases: list[Phase], device: str, config_yaml: str, live_teacher: LiveTeacherConfig | None = None,
-                 local_dir: str | None = None, online: OnlineBatches | None = None):
+                 local_dir: str | None = None, online: OnlineBatches | None = None, group: RoundGroup | None = None):
         self.source, self.order, self.student_cfg, self.cfg, self.phases = source, order, student, train, phases
         self.online = online  # the student's own samples replace the cache's training sequences
+        self.group = group  # the distillery run round this job trains, whose tracker group its runs join
         self.device_name, self.config_yaml, self.local_dir = device, config_yaml, local_dir
         self.live_cfg = live_teacher or LiveTeacherConfig()
         self.mirror = Mirror(train.out_dir, local_dir)
@@ -129,7 +130,8 @@ class TrainingRecipe:
         if self.complete:
             return
         self.metrics = Trackers.open(MetricsLog(self.out / METRICS_NAME, self.step, self.world.is_main),
-                                     self.cfg.report_to, self.mirror, self.config_yaml, self.step, self.world.is_main)
+                                     self.cfg.report_to, self.mirror, self.config_yaml, self.step, self.world.is_main,
+                                     self.group)
         paths = {p.loss.teacher_live for p in self.phases if p.loss.teacher_live}
         c = self.live_cfg
         self.live = {path: load_model(path, self.device, c.dtype, c.revision, c.trust_remote_code,

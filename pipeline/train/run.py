@@ -14,6 +14,7 @@ from pipeline.train.online import OnlineBatches
 from pipeline.train.recipe import TrainingRecipe
 from pipeline.train.sources import BatchSource, cache_source, text_source
 from pipeline.train.student import student_positions
+from pipeline.train.trackers import RoundGroup
 from storage import StreamOrder
 
 
@@ -68,9 +69,10 @@ def _run(recipe: TrainingRecipe) -> Path | str:
         recipe.close()
 
 
-def train_from_cache(job: TrainJob) -> Path | str:
+def train_from_cache(job: TrainJob, group: RoundGroup | None = None) -> Path | str:
     """Distil a student from the cached soft targets in ``job.cache.dir``; return where its ``final/`` is (a URL
-    when ``train.out_dir`` is one, whose working copy goes under ``cache.local_dir``)."""
+    when ``train.out_dir`` is one, whose working copy goes under ``cache.local_dir``). ``group``: the
+    ``distillery run`` round it trains, whose tracker runs join the run's."""
     order = _stream_order(job.train, job.cache.shuffle_buffer)
     student_tokenizer = _student_tokenizer(job)
     source = cache_source(job.cache, order, job.train.num_workers, student_tokenizer,
@@ -87,7 +89,7 @@ def train_from_cache(job: TrainJob) -> Path | str:
         online = OnlineBatches(prompts, order, source.tokenizer,
                                Sampling(o.max_new_tokens, o.temperature, o.top_p, job.train.seed))
     recipe = TrainingRecipe(source, order, job.student, job.train, phases, job.device, to_yaml(job),
-                            job.live_teacher, job.cache.local_dir, online)
+                            job.live_teacher, job.cache.local_dir, online, group)
     return _run(recipe)
 
 

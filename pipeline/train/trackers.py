@@ -5,7 +5,7 @@ numeric field as ``train/<field>`` or ``eval/<field>`` at the record's step. A j
 continues its tracker runs (ids in ``train.out_dir/trackers.json``); the steps a killed attempt trained after its
 last checkpoint are trained again, but the trackers already hold them, so each tracker gets each step once. A job
 that starts at step 0 starts new tracker runs, as ``metrics.jsonl`` starts over. Under ``distillery run``
-(``round_of_run``) the rounds' runs share a W&B group and an MLflow parent run (its id in ``<run.dir>/trackers.json``).
+(``RoundGroup``) the rounds' runs share a W&B group and an MLflow parent run (its id in ``<run.dir>/trackers.json``).
 """
 from __future__ import annotations
 
@@ -14,9 +14,6 @@ import importlib
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,19 +54,6 @@ class RoundGroup:
         return f"{Path(str(self.run.name).rstrip('/')).name}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
-_ROUND: ContextVar[RoundGroup | None] = ContextVar("distillery_round", default=None)
-
-
-@contextmanager
-def round_of_run(group: RoundGroup) -> Iterator[None]:
-    """Training jobs started inside join ``group``'s tracker runs."""
-    token = _ROUND.set(group)
-    try:
-        yield
-    finally:
-        _ROUND.reset(token)
-
-
 @dataclass(frozen=True)
 class RunFacts:
     """What every tracker run is named and tagged with: ``tags`` holds ``cache_fingerprint`` and ``teacher`` (of a
@@ -82,9 +66,10 @@ class RunFacts:
     group: RoundGroup | None
 
 
-def describe(out: Mirror, config_yaml: str) -> RunFacts:
-    """The facts of the job whose resolved config is ``config_yaml``, training into ``out``."""
-    config, group, tags = yaml.safe_load(config_yaml), _ROUND.get(), {}
+def describe(out: Mirror, config_yaml: str, group: RoundGroup | None) -> RunFacts:
+    """The facts of the job whose resolved config is ``config_yaml``, training into ``out`` (as ``group``'s round
+    under ``distillery run``)."""
+    config, tags = yaml.safe_load(config_yaml), {}
     cache = config.get("cache") or {}
     if cache.get("dir"):
         manifest = open_cache(cache["dir"], cache.get("local_dir")).manifest
@@ -254,7 +239,7 @@ class Trackers:
 
     @classmethod
     def open(cls, metrics: MetricsLog, report_to: list[str], out: Mirror, config_yaml: str, resume_step: int,
-             is_main: bool) -> Trackers:
+             is_main: bool, group: RoundGroup | None = None) -> Trackers:
         """Continue the tracker runs of ``out`` when resuming from a checkpoint (``resume_step`` > 0), else start
         new ones; only rank 0 (``is_main``) has any."""
         if not (report_to and is_main):
@@ -263,7 +248,7 @@ class Trackers:
         if resume_step and not state.is_file():
             out.pull(TRACKERS_NAME)  # a requeue on another node continues the runs that the destination names
         saved = _read(state) if resume_step else {}
-        facts = describe(out, config_yaml)
+        facts = describe(out, config_yaml, group)
         trackers = cls(metrics, state, saved.get("logged"))
         try:
             for name in report_to:
