@@ -202,6 +202,14 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _optional_section(tp: Any) -> type | None:
+    """The dataclass of an ``X | None`` annotation, or None."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        sections = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return sections[0] if len(sections) == 1 and type(None) in typing.get_args(tp) else None
+    return None
+
+
 def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """``(key, type, default, doc)`` for every leaf key of a job dataclass, sections flattened with dots."""
     rows = []
@@ -211,6 +219,11 @@ def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             rows += describe_keys(tp, f"{prefix}{f.name}.")
+            continue
+        section = _optional_section(tp)
+        if section:  # an optional section (``student.lora``): the section itself, then each of its keys
+            rows.append((prefix + f.name, "section | null", "null", docs.get(f.name, "")))
+            rows += describe_keys(section, f"{prefix}{f.name}.")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         rows.append((prefix + f.name, _type_name(tp).replace("NoneType", "null"), yaml.safe_dump(default).strip()

@@ -19,10 +19,13 @@ def all_keys(cls, prefix="") -> list[str]:
     keys = []
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[field.name]):
-            keys += all_keys(hints[field.name], f"{prefix}{field.name}.")
+        tp = hints[field.name]
+        optional = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]  # ``X | None``: X's keys too
+        if dataclasses.is_dataclass(tp):
+            keys += all_keys(tp, f"{prefix}{field.name}.")
         else:
             keys.append(prefix + field.name)
+            keys += all_keys(optional[0], f"{prefix}{field.name}.") if optional else []
     return keys
 
 
