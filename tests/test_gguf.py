@@ -151,3 +151,23 @@ def test_gguf_without_the_gguf_package_exits_2_with_one_line(command, gguf_dir, 
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "needs the gguf package, which is not installed: pip install 'gguf>=" in lines[0]
     assert not (tmp_path / "c" / "manifest.json").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_run_with_a_gguf_teacher_reports_the_kl_to_it(gguf_dir, llama_dir, corpus_jsonl, tmp_path):
+    """The report scores the student against the teacher read from its GGUF file: the same KL as against the
+    model that the file was written from."""
+    from helpers import STUDENT
+
+    from pipeline.train.evaluate import score_against_teacher
+
+    run = tmp_path / "run"
+    overrides = [f"run.dir={run}", f"teacher.model={gguf_dir}", f"teacher.gguf_file={NAME}",
+                 f"data.path={corpus_jsonl}", "data.seq_len=32", "data.holdout_fraction=0.1", "device=cpu",
+                 f"cache.root={tmp_path / 'caches'}", "cache.mode=topk", "cache.top_k=8", "train.steps=2",
+                 "train.batch_size=4", "train.eval_every=0", "train.checkpoint_every=0",
+                 f"rounds=[{{student: {{config: {STUDENT}}}}}]"]
+    assert cli.main(["run", *overrides]) == 0
+    row = json.loads((run / "report.json").read_text())[0]
+    cache_dir = json.loads((run / "round-1" / "cache.json").read_text())["dir"]
+    expected = score_against_teacher(run / "round-1" / "train" / "final", llama_dir, cache_dir)
+    assert row["KL to teacher"] == pytest.approx(expected["kl"], rel=1e-4) and row["top-1"] == expected["top1"]

@@ -87,18 +87,18 @@ def round_row(job: RunJob, index: int, record: dict, local_dir: str | None = Non
     tokens = manifest.tokens
     final = Path(local_model(train["final"], local_dir, f"round {index}'s student"))
     # KL, ppl and top-1 compare the student with a teacher token by token: only with the cache's tokenizer.
-    def speaks_the_cache(model: Path) -> bool:
-        return tokenizer_sha256(AutoTokenizer.from_pretrained(str(model))) == manifest.tokenizer.get("sha256")
+    def speaks_the_cache(model: Path, gguf_file: str | None = None) -> bool:
+        found = {"gguf_file": gguf_file} if gguf_file else {}
+        return tokenizer_sha256(AutoTokenizer.from_pretrained(str(model), **found)) == manifest.tokenizer.get("sha256")
 
     same, unscored = speaks_the_cache(final), {"kl": None, "ppl": None, "top1": None}
-    # score_against_teacher loads save_pretrained folders: a teacher read from a GGUF file is not scored here.
-    scored = same and not round_teacher(job, index)["gguf_file"]
     own = score_against_teacher(final, Path(local_model(cache["teacher"], local_dir)), cache["dir"],
-                                local_dir=local_dir) if scored else unscored
-    first_teacher = Path(local_model(job.teacher.model, local_dir))
+                                local_dir=local_dir, teacher_gguf=round_teacher(job, index)["gguf_file"]) \
+        if same else unscored
+    first_teacher, first_gguf = Path(local_model(job.teacher.model, local_dir)), job.teacher.gguf_file
     original = own if cache["teacher"] == job.teacher.model else score_against_teacher(
-        final, first_teacher, cache["dir"], local_dir=local_dir) if same and not job.teacher.gguf_file and \
-        speaks_the_cache(first_teacher) else unscored
+        final, first_teacher, cache["dir"], local_dir=local_dir, teacher_gguf=first_gguf) \
+        if same and speaks_the_cache(first_teacher, first_gguf) else unscored
     evals = [r for r in round_metrics(job, index, local_dir) if r["type"] == "eval"]
     teacher = cache["teacher"]
     if index > 1 and teacher == previous_final(job, index):
@@ -151,7 +151,7 @@ def read_run(run: Mirror) -> tuple[RunJob, dict]:
 ROUNDS_NOTE = (
     "KL is per-token KL(teacher || student) over the full vocabulary on the held-out split of the round's cache; "
     "ppl and top-1 (agreement with the round's teacher) on the same tokens; none of them exist for a student of "
-    "another tokenizer, nor against a teacher read from a GGUF file (see the training curves' KL). Bits/byte: the "
+    "another tokenizer. Bits/byte: the "
     "student's held-out loss per byte of text (the last evaluation of its training), comparable across "
     f"tokenizers. Task exact and chrF: the student's greedy answers to the first {TASK_PROMPTS} held-out prompts "
     "of the round's data, against their references; generations chrF: the round's generations (train prompts) "

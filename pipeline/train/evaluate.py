@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from pipeline.dist import World, all_reduce_sum
+from pipeline.models.gguf import gguf_arguments
 from pipeline.models.head import LogitHead, hidden_states
 from pipeline.train.losses import cross_entropy, dense_kd, kd_loss
 from pipeline.train.step import LossFacts, labels_and_masks
@@ -160,23 +161,26 @@ def _score(student, pairs: Iterator[tuple[dict, torch.Tensor]], real_vocab: int)
     return metrics.result()
 
 
-def _load(model_dir: Path | str):
+def _load(model_dir: Path | str, gguf_file: str | None = None):
+    """A saved model in fp32, dequantised from its file ``gguf_file`` in ``model_dir`` when given."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    found = gguf_arguments(str(model_dir), gguf_file) if gguf_file else {}
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), **found).eval()
 
 
 @torch.no_grad()
 def score_against_teacher(student_dir: Path, teacher_dir: Path, cache_dir: str | Path, batch_size: int = 8,
-                          max_batches: int | None = None, local_dir: str | Path | None = None) -> dict:
-    """Metrics of a saved student against a live teacher, on a cache's eval split (``cache_dir`` may be a URL,
-    read through copies under ``local_dir``).
+                          max_batches: int | None = None, local_dir: str | Path | None = None,
+                          teacher_gguf: str | None = None) -> dict:
+    """Metrics of a saved student against a live teacher (read from its file ``teacher_gguf`` in ``teacher_dir``
+    when given), on a cache's eval split (``cache_dir`` may be a URL, read through copies under ``local_dir``).
 
     Every student, whatever it was trained on, is measured the same way:
     ``kl`` over the whole vocabulary, ``top1`` against the teacher's argmax.
     """
     cache = open_cache(cache_dir, local_dir)
-    pairs = _teacher_pass(_load(teacher_dir), cache, batch_size, max_batches)
+    pairs = _teacher_pass(_load(teacher_dir, teacher_gguf), cache, batch_size, max_batches)
     return _score(_load(student_dir), pairs, cache.manifest.tokenizer_length)
 
 
