@@ -47,7 +47,7 @@ demo: demo-banner real-teacher
 demo-banner:
 	@echo "== make demo: SmolLM2-135M-Instruct -> a 6.7M student on KJV text -> adapted to chat -> corrected on its own answers."
 	@echo "   Expected on a fresh clone: about 14 min on a 2-core CPU without native bf16 (two rounds measured 12 min 13 s on"
-	@echo "   an AVX2 EPYC; round 3 estimated), 7.5 min on a Zen 4 EPYC with native bf16 (measured 7 min 35 s) =="
+	@echo "   an AVX2 EPYC; round 3 estimated), 8 min on a Zen 4 EPYC with native bf16 (measured 7 min 47 s) =="
 
 # The small demo teacher is kept: a second `make demo-small` (and `make bench`) reuses it.
 demo-teacher: install
