@@ -76,6 +76,12 @@ def train_command(cache: Path):
     return lambda output, launch: distillery("train", *train_overrides(cache, output))
 
 
+def lora_train_command(cache: Path, teacher: Path):
+    """The teacher itself adapted with LoRA (merged into ``final/``) by 2 DDP ranks, on ``cache``."""
+    lora = ["student.config=null", f"student.model={teacher}", "student.lora={r: 4}", "train.steps=20"]
+    return lambda output, launch: torchrun("train", *train_overrides(cache, output), *lora)
+
+
 def write_run_config(path: Path, run_dir: Path, teacher: Path, data: Path) -> Path:
     """A 2-round ``distillery run``: round 1 compresses the teacher, round 2 compresses round 1's student."""
     config = {

@@ -15,6 +15,7 @@ from jobs import (
     check_run,
     check_training,
     distillery,
+    lora_train_command,
     never_complete_by_mistake,
     on_policy_command,
     run_command,
@@ -50,6 +51,19 @@ def test_stage2_survives_random_kills(tmp_path, reference_cache, reference_train
                        scale["train"], tmp_path / "log.txt")
     chaos_results.add_sweep("2 train", result.summary(),
                             "final weights bitwise, every step logged once with the same loss")
+
+
+@pytest.mark.full_scale  # LoRA students use stage 2's checkpoints, whose kill sweep make test keeps
+def test_lora_students_under_ddp_survive_random_kills(tmp_path, reference_cache, chaos_teacher, scale, seed,
+                                                      chaos_results):
+    command = lora_train_command(reference_cache[0], chaos_teacher)
+    reference = tmp_path / "reference"
+    wall = timed(command(reference, None))
+    sweep = Sweep("train, LoRA, 2 DDP ranks", command, wall, f"{seed}-train-lora", KILL)
+    result = sweep.run(lambda trial: tmp_path / f"trial-{trial}", lambda out, _: check_training(out, reference),
+                       scale["train"], tmp_path / "log.txt")
+    chaos_results.add_sweep("2 train, LoRA", result.summary(),
+                            "merged final weights bitwise, every step logged once with the same loss")
 
 
 @pytest.mark.full_scale  # stage 3 runs stages 1 and 2, whose kill sweeps make test keeps
