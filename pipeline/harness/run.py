@@ -22,12 +22,11 @@ from pipeline.log import get_logger
 from pipeline.models.device import resolve_device
 from pipeline.rounds.config import all_rounds, train_dir
 from pipeline.rounds.report import build_report, read_run
+from pipeline.rounds.report_lm_eval import LM_EVAL_NAME
 from storage import Mirror, is_url, write_json
 
 log = get_logger("eval")
 
-SCORES_NAME = "lm_eval.json"
-"""``{"model", "tasks": {task: {metric: value}}, "limit", "num_fewshot", "chat_template", "lm_eval_version"}``."""
 INSTALL = "pip install 'distillery[eval]'"
 LOCAL_TASKS = Path(__file__).parent / "tasks"
 """The tasks shipped with the package (``kjv_recitation``); lm-eval reads every YAML file here."""
@@ -141,7 +140,7 @@ def metric_values(entries: dict) -> dict[str, float | None]:
 def scores_path(model: Path) -> Path:
     """Where a model's ``lm_eval.json`` goes: beside a ``final/`` folder (in its ``train.out_dir``), inside any other
     model folder."""
-    return model.parent / SCORES_NAME if model.name == "final" else model / SCORES_NAME
+    return model.parent / LM_EVAL_NAME if model.name == "final" else model / LM_EVAL_NAME
 
 
 def evaluate_model(model: str | Path, settings: EvalSettings) -> Path:

@@ -11,6 +11,8 @@ from pipeline.rounds.config import RunJob, train_dir
 from storage import Mirror
 
 LM_EVAL_NAME = "lm_eval.json"
+"""What ``distillery eval`` writes beside a ``final/``: ``{"model", "tasks": {task: {metric: value}}, "limit",
+"num_fewshot", "chat_template", "lm_eval_version"}``."""
 MAIN_METRICS = ("acc_norm", "acc", "exact_match", "f1", "mc2", "bleu", "word_perplexity")
 """The metric shown for a task, the first of these it has (else its first number)."""
 
