@@ -12,6 +12,7 @@ merged model, a plain model folder, or peft's adapter folder over
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,9 @@ def attach_lora(model: nn.Module, cfg: LoraConfig | None, strategy: str, seed: i
                                target_modules=cfg.target_modules, task_type="CAUSAL_LM")
     torch.manual_seed(seed)
     try:
-        return peft.get_peft_model(model, settings)
+        with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing: not the user's
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return peft.get_peft_model(model, settings)
     except ValueError as exc:  # no default for the model type, or no module of the names given
         names = cfg.target_modules or f"null (peft's default for model type {model.config.model_type!r})"
         raise ConfigError(f"student.lora.target_modules {names}: {' '.join(str(exc).split())[:300]}; name linear "
